@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast test-slow check-sync lab figures clean-runs
+.PHONY: install demo test test-slow check-sync readme lab figures clean-runs
 
 $(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
 	test -x $(PY) || python3 -m venv .venv
@@ -32,12 +32,17 @@ test: install
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow --skip_folder_re '^(paper|[_.])'
 
-# notebooks are the source: cleaning and exporting must change nothing that is committed
+# README.md is generated from nbs/index.ipynb
+readme: install
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+# notebooks are the source: cleaning, exporting and rendering the README must change nothing that is committed
 check-sync: install
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
-	git diff --exit-code -- nbs layerprune || (echo 'nbs/ or layerprune/ out of sync: run nbdev_clean then nbdev_export and commit' >&2; exit 1)
-	test -z "$$(git status --porcelain -- nbs layerprune)" || (git status --porcelain -- nbs layerprune; echo 'untracked files under nbs/ or layerprune/' >&2; exit 1)
+	$(MAKE) --no-print-directory readme
+	git diff --exit-code -- nbs layerprune README.md || (echo 'out of sync: run nbdev_clean, nbdev_export, make readme and commit' >&2; exit 1)
+	test -z "$$(git status --porcelain -- nbs layerprune README.md)" || (git status --porcelain -- nbs layerprune; echo 'untracked files under nbs/ or layerprune/' >&2; exit 1)
 
 figures: install
 	$(BIN)/layerprune run paper_runs.yaml --profile offline
