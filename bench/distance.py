@@ -1,0 +1,106 @@
+"""Benchmark: the full (l, n) angular-distance matrix vs a bare backbone forward, and vs one pass per n.
+
+Prints ratios measured side by side in one run (absolute times are only indicative on a shared machine):
+  time(distance matrix) / time(bare backbone forward)         goal <= 1.10
+  peak memory(distance) / peak memory(bare forward)           goal <= 1.2   (each in a fresh process)
+  time(one forward pass per n, PruneMe-style) / time(ours)    goal >= 10x at L = 30
+and how the distance pass scales with samples and seq_len.
+
+  python bench/distance.py [--model smollm2-135m] [--samples 16] [--seq-len 128] [--batch-size 8] [--per-n 4] [--json OUT]
+"""
+import argparse, json, math, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PeakMemory, timed, median, in_subprocess, machine
+from layerprune.models import load_model, decoder
+from layerprune.data import load_texts, batches
+from layerprune.distance import angular_distances, _forward_backbone, _pairwise
+from layerprune.data import last_token_index
+
+
+def bare_pass(model, tok, texts, seq_len, bs):
+    with torch.inference_mode():
+        for b in batches(texts, tok, seq_len, bs): _forward_backbone(model, {k: v.to(model.device) for k, v in b.items()})
+
+
+def distance_pass(model, tok, texts, seq_len, bs):
+    return angular_distances(model, tok, texts, seq_len, bs)
+
+
+def per_n_pass(model, tok, texts, seq_len, bs, n):
+    "PruneMe-style: one forward pass with output_hidden_states for a single block size n."
+    L = decoder(model).num_layers; tot = torch.zeros(L - n + 1, dtype=torch.float64)
+    with torch.inference_mode():
+        for b in batches(texts, tok, seq_len, bs):
+            b = {k: v.to(model.device) for k, v in b.items()}
+            hs = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], output_hidden_states=True).hidden_states
+            idx = last_token_index(b['attention_mask']); r = torch.arange(len(idx))
+            for l in range(L - n + 1):
+                a, c = hs[l][r, idx].double(), hs[l + n][r, idx].double()
+                tot[l] += (torch.arccos((torch.nn.functional.cosine_similarity(a, c)).clamp(-1, 1)) / math.pi).sum()
+    return tot
+
+
+def memory_child(args):
+    "Run in a fresh process: peak memory of one mode above the loaded-model baseline."
+    model, tok = load_model(args.model); texts = load_texts('wiki', 'validation', args.samples)
+    bare_pass(model, tok, texts[:2], 16, 2)   # warm up allocator and kernels
+    with PeakMemory(model.device) as pm:
+        (bare_pass if args.child == 'bare' else distance_pass)(model, tok, texts, args.seq_len, args.batch_size)
+    print('RESULT ' + json.dumps({'delta': pm.delta}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='smollm2-135m'); p.add_argument('--samples', type=int, default=16)
+    p.add_argument('--seq-len', type=int, default=128); p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--per-n', type=int, default=4, help='block sizes timed for the one-pass-per-n approach (the rest extrapolated: each is one identical forward)')
+    p.add_argument('--skip-scaling', action='store_true'); p.add_argument('--json', default=None)
+    p.add_argument('--child', choices=['bare', 'distance'], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child: return memory_child(args)
+
+    model, tok = load_model(args.model); L = decoder(model).num_layers
+    texts = load_texts('wiki', 'validation', args.samples)
+    dev = model.device
+    print(f'# {args.model} (L={L}) on {machine()}; {args.samples} samples x <= {args.seq_len} tokens, batch {args.batch_size}')
+    bare_pass(model, tok, texts[:2], 16, 2)
+    tb, td = [], []
+    for _ in range(args.repeats):   # interleaved, so drift on a shared machine hits both alike
+        tb.append(timed(lambda: bare_pass(model, tok, texts, args.seq_len, args.batch_size), dev)[0])
+        td.append(timed(lambda: distance_pass(model, tok, texts, args.seq_len, args.batch_size), dev)[0])
+    res = dict(model=args.model, L=L, samples=args.samples, seq_len=args.seq_len, machine=machine(),
+               bare_s=median(tb), distance_s=median(td))
+    res['time_ratio'] = res['distance_s'] / res['bare_s']
+    print(f'time   distance / bare forward      = {res["time_ratio"]:.3f}  (goal <= 1.10; {res["distance_s"]:.2f}s vs {res["bare_s"]:.2f}s, median of {args.repeats})')
+
+    mem = {m: in_subprocess(__file__, ['--child', m, '--model', args.model, '--samples', args.samples, '--seq-len', args.seq_len,
+                                      '--batch-size', args.batch_size])['delta'] for m in ('bare', 'distance')}
+    res.update(bare_peak_mb=mem['bare'] / 2**20, distance_peak_mb=mem['distance'] / 2**20)
+    res['memory_ratio'] = mem['distance'] / max(mem['bare'], 1)
+    print(f'memory distance / bare forward      = {res["memory_ratio"]:.3f}  (goal <= 1.2; peak above loaded model: '
+          f'{res["distance_peak_mb"]:.0f} MB vs {res["bare_peak_mb"]:.0f} MB, fresh process each)')
+
+    ns = sorted({1, max(1, L // 4), max(1, L // 2), L - 1}) [:max(1, args.per_n)]
+    tn = [timed(lambda: per_n_pass(model, tok, texts, args.seq_len, args.batch_size, n), dev)[0] for n in ns]
+    res['per_n_measured'] = dict(zip(map(str, ns), tn))
+    res['per_n_total_s'] = median(tn) * L
+    res['speedup_vs_per_n'] = res['per_n_total_s'] / res['distance_s']
+    print(f'speed  one pass per n ({L} passes) / ours = {res["speedup_vs_per_n"]:.1f}x  (goal >= 10x; '
+          f'{len(ns)} of {L} passes timed, median {median(tn):.2f}s each, x{L})')
+
+    if not args.skip_scaling:
+        print('scaling of the distance pass (time relative to the first row):')
+        rows = []
+        for s, T in [(args.samples, args.seq_len // 2), (args.samples, args.seq_len), (2 * args.samples, args.seq_len)]:
+            tx = load_texts('wiki', 'validation', s)
+            t = timed(lambda: distance_pass(model, tok, tx, T, args.batch_size), dev)[0]
+            rows.append(dict(samples=s, seq_len=T, seconds=t)); print(f'  samples {s:>4}  seq_len {T:>5}: {t:6.2f}s  x{t / rows[0]["seconds"]:.2f}')
+        res['scaling'] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == '__main__': main()
