@@ -106,3 +106,32 @@ def test_cli_writes_json_and_resumes(tmp_path):
     r2 = json.loads(out.read_text())
     assert r2['boolq']['samples'] == 3 and r2['loss'] == r['loss']
     assert len(list((tmp_path/'res.json.cache').iterdir())) == 6
+
+def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
+    "fig2, fig7 and lu_table run end to end through the runner (papermill, tiny model, a few items)."
+    import yaml, subprocess
+    from pathlib import Path
+    ROOT = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((ROOT/'paper_runs.yaml').read_text())['runs']
+    small = dict(model='tiny:llama', text='wiki', samples=4, seq_len=32, batch_size=4)
+    params = {
+        'fig2': dict(small, strategies=['similarity', 'deepest'], fractions=[0.0, 0.5], tasks=['boolq'], limit=2,
+                     mmlu=False, mmlu_limit=1, mmlu_fewshot=0),
+        'fig7': dict(small, task='arc_easy', strategy='deepest', fractions=[0.0, 0.5], shots=[0, 1], seeds=[0, 1], limit=2),
+        'lu_table': dict(small, fraction=0.25, strategies=['reverse', 'taylor', 'bi', 'similarity'], tasks=['arc_easy', 'cmmlu'],
+                         limit=2, seed=0),
+    }
+    for k, p in params.items(): assert set(p) == set(spec[k]['offline'][0]), k  # the same parameters as the real runs
+    runs = {k: {'notebook': str(ROOT/spec[k]['notebook']), 'offline': [p]} for k, p in params.items()}
+    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
+    r = subprocess.run([sys.executable, '-c', 'import sys; from layerprune.cli import main; sys.exit(main(sys.argv[1:]))',
+                        'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    names = sorted(p.name for p in (tmp_path/'figures').iterdir())
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json'))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path/'figures'/'lu_table_tiny_llama.csv')))
+    assert [r['strategy'] for r in rows] == ['none', 'reverse', 'taylor', 'bi', 'similarity']
+    assert all(r['cmmlu'] == 'n/a (offline)' for r in rows)
+    rows = list(csv.DictReader(open(tmp_path/'figures'/'fig2_accuracy_tiny_llama.csv')))
+    assert sorted({(r['strategy'], r['n']) for r in rows}) == [('deepest', '0'), ('deepest', '3'), ('similarity', '0'), ('similarity', '3')]
