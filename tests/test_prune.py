@@ -141,7 +141,12 @@ def test_metric_strategies_find_identity_layer():
     assert select_layers(m, 1, 'taylor', tokenizer=tok, texts=TEXTS) == [3]
     ppl = layer_scores(m, 'ppl', tok, TEXTS)
     from layerprune.prune import mean_nll
-    assert abs(ppl[3] + mean_nll(m, tok, TEXTS)) < 1e-5                           # removing it changes nothing
+    assert abs(ppl[3] - mean_nll(m, tok, TEXTS)) < 1e-5                           # removing it changes nothing
+    def loss_without(l):
+        with skip_layers(m, [l]): return mean_nll(m, tok, TEXTS)
+    losses = [loss_without(l) for l in range(6)]
+    assert ppl == pytest.approx(losses, abs=1e-6)
+    assert select_layers(m, 2, 'ppl', tokenizer=tok, texts=TEXTS) == sorted(sorted(range(6), key=losses.__getitem__)[:2])
     # magnitude: scaling one layer's weights down makes it the least important under both norms
     m2 = tiny_model('llama', num_layers=6)
     with torch.no_grad():
