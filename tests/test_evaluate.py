@@ -81,7 +81,7 @@ def test_efficiency_falls_with_layers_removed():
     small = copy.deepcopy(full)
     small.model.layers = small.model.layers[:3]; small.config.num_hidden_layers = 3
     small.config.layer_types = small.config.layer_types[:3]
-    ef, es = efficiency(full, prompt_len=32, decode_tokens=8, repeats=5), efficiency(small, prompt_len=32, decode_tokens=8, repeats=5)
+    ef, es = efficiency(full, prompt_len=16, decode_tokens=6, repeats=3), efficiency(small, prompt_len=16, decode_tokens=6, repeats=3)
     per_layer = sum(p.numel() for p in full.model.layers[0].parameters())
     assert ef['params'] - es['params'] == 9 * per_layer
     assert es['weights_bytes'] < ef['weights_bytes'] and es['kv_cache_bytes'] < ef['kv_cache_bytes']
@@ -118,7 +118,7 @@ def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
         'fig2': dict(small, strategies=['similarity', 'deepest'], fractions=[0.0, 0.5], tasks=['boolq'], limit=2,
                      mmlu=False, mmlu_limit=1, mmlu_fewshot=0),
         'fig7': dict(small, task='arc_easy', strategy='deepest', fractions=[0.0, 0.5], shots=[0, 1], seeds=[0, 1], limit=2),
-        'lu_table': dict(small, fraction=0.25, strategies=['reverse', 'taylor', 'bi', 'similarity'], tasks=['arc_easy', 'cmmlu'],
+        'lu_table': dict(small, fraction=0.25, strategies=['reverse', 'bi'], tasks=['arc_easy', 'cmmlu'],
                          limit=2, seed=0),
     }
     for k, p in params.items(): assert set(p) == set(spec[k]['offline'][0]), k  # the same parameters as the real runs
@@ -131,7 +131,7 @@ def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
     assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json'))
     import csv
     rows = list(csv.DictReader(open(tmp_path/'figures'/'lu_table_tiny_llama.csv')))
-    assert [r['strategy'] for r in rows] == ['none', 'reverse', 'taylor', 'bi', 'similarity']
+    assert [r['strategy'] for r in rows] == ['none', 'reverse', 'bi']
     assert all(r['cmmlu'] == 'n/a (offline)' for r in rows)
     rows = list(csv.DictReader(open(tmp_path/'figures'/'fig2_accuracy_tiny_llama.csv')))
     assert sorted({(r['strategy'], r['n']) for r in rows}) == [('deepest', '0'), ('deepest', '3'), ('similarity', '0'), ('similarity', '3')]
