@@ -141,7 +141,12 @@ def test_metric_strategies_find_identity_layer():
     assert select_layers(m, 1, 'taylor', tokenizer=tok, texts=TEXTS) == [3]
     ppl = layer_scores(m, 'ppl', tok, TEXTS)
     from layerprune.prune import mean_nll
-    assert abs(ppl[3] + mean_nll(m, tok, TEXTS)) < 1e-5                           # removing it changes nothing
+    assert abs(ppl[3] - mean_nll(m, tok, TEXTS)) < 1e-5                           # removing it changes nothing
+    def loss_without(l):
+        with skip_layers(m, [l]): return mean_nll(m, tok, TEXTS)
+    losses = [loss_without(l) for l in range(6)]
+    assert ppl == pytest.approx(losses, abs=1e-6)
+    assert select_layers(m, 2, 'ppl', tokenizer=tok, texts=TEXTS) == sorted(sorted(range(6), key=losses.__getitem__)[:2])
     # magnitude: scaling one layer's weights down makes it the least important under both norms
     m2 = tiny_model('llama', num_layers=6)
     with torch.no_grad():
@@ -160,13 +165,8 @@ def test_mergekit_yaml_equivalent():
 
 # ---- the real smollm2-135m ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def smol():
-    return load_model('smollm2-135m', device='cpu')
-
-
-def test_smollm2_params_per_layer(smol):
-    model, tok = smol
+def test_smollm2_params_per_layer(smollm2):
+    model, tok = smollm2
     per_layer = sum(p.numel() for p in decoder(model).layers[0].parameters())
     before = num_params(model)
     with skip_layers(model, [10, 11, 12]): after = num_params(model)
@@ -174,8 +174,8 @@ def test_smollm2_params_per_layer(smol):
     assert num_params(model) == before
 
 
-def test_smollm2_prune_save_reload_generate(smol, tmp_path):
-    model, tok = smol
+def test_smollm2_prune_save_reload_generate(smollm2, tmp_path):
+    model, tok = smollm2
     m = copy.deepcopy(model)
     layers = select_layers(m, 6, 'deepest')
     assert layers == list(range(23, 29))
@@ -207,8 +207,8 @@ def test_smollm2_prune_save_reload_generate(smol, tmp_path):
     with torch.no_grad(): assert torch.equal(torch.load(tmp_path/'logits.pt'), m(ids).logits)   # identical logits
 
 
-def test_smollm2_bi_finds_identity_layer(smol):
-    model, tok = smol
+def test_smollm2_bi_finds_identity_layer(smollm2):
+    model, tok = smollm2
     from layerprune.data import load_texts
     m = copy.deepcopy(model)
     with torch.no_grad():
@@ -229,3 +229,26 @@ def test_cli_prune_verifies_and_exports(tmp_path):
     assert kept == [i for i in range(6) if i not in rep['removed_layers']]
     saved = json.loads((out/'config.json').read_text())
     assert saved['pruned_layers'] == rep['removed_layers'] and saved['num_hidden_layers'] == 4
+
+
+# ---- the paper figure notebook runs end to end --------------------------------------------------------------------
+
+def test_unhealed_loss_notebook_executes(tmp_path):
+    "papermill through the runner, tiny model, every strategy: PNG+PDF+CSV+JSON, resumable from the cache."
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root/'paper_runs.yaml').read_text())['runs']['unhealed_loss']
+    small = dict(spec['offline'][0], model='tiny:qwen2', eval_samples=3, calib_samples=3, seq_len=24, batch_size=3,
+                 fractions=[0.0, 0.5])
+    runs = {'unhealed_loss': {'notebook': str(root/spec['notebook']), 'offline': [small]}}
+    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
+    exe = Path(sys.executable).parent/'layerprune'
+    r = subprocess.run([str(exe), 'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+    names = sorted(p.name for p in (tmp_path/'figures').iterdir())
+    assert names == sorted(f'unhealed_loss_tiny_qwen2.{e}' for e in ('png', 'pdf', 'csv', 'json'))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path/'figures'/'unhealed_loss_tiny_qwen2.csv')))
+    assert len(rows) == 9 * 2 and {r['strategy'] for r in rows} == set(STRATEGIES)
+    assert len({r['loss'] for r in rows if r['n'] == '0'}) == 1                   # n = 0: the intact model, every strategy
+    j = json.loads((tmp_path/'figures'/'unhealed_loss_tiny_qwen2.json').read_text())
+    assert j['selections']['reverse']['3'] == [3, 4, 5] and j['selections']['deepest']['3'] == [2, 3, 4]

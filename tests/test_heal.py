@@ -1,0 +1,223 @@
+"Integration tests for layerprune.heal: real training on tiny models, real subprocesses (kill -9, torchrun/gloo)."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+from torch import nn
+from layerprune.heal import HealConfig, heal, prepare, merge, block_loss
+from layerprune.models import tiny_model, tiny_tokenizer, decoder, load_model
+from layerprune.data import load_texts
+from layerprune.cli import main
+from layerprune.utils import LayerpruneError
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+
+
+def pruned_tiny(arch='llama', drop=(2, 4), tie=True):
+    "A 6-layer tiny model with layers [drop[0], drop[1]) removed (0-based, half-open)."
+    m = tiny_model(arch, 6, tie=tie); d = decoder(m)
+    setattr(d.owner, d.attr, nn.ModuleList([l for i, l in enumerate(d.layers) if not drop[0] <= i < drop[1]]))
+    m.config.num_hidden_layers = d.num_layers
+    if getattr(m.config, 'layer_types', None):
+        m.config.layer_types = [t for i, t in enumerate(m.config.layer_types) if not drop[0] <= i < drop[1]]
+    return m
+
+
+@pytest.fixture(scope='module')
+def tok(): return tiny_tokenizer()
+
+@pytest.fixture(scope='module')
+def train(): return load_texts('wiki', 'train', n=300)
+
+@pytest.fixture(scope='module')
+def val(): return load_texts('wiki', 'validation', n=40)
+
+def small(**kw):
+    return HealConfig(**{**dict(steps=6, warmup=1, lr=1e-2, batch_size=4, micro_batch=2, seq_len=32, rank=4), **kw})
+
+
+def snapshot(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize('k', [0, 2])
+def test_partial_changes_only_lm_head_and_last_k(tok, train, k):
+    m = pruned_tiny(tie=False); before = snapshot(m)
+    healed, log = heal(m, tok, small(method='partial', last_k=k), train, progress=False)
+    after = healed.state_dict(); L = decoder(healed).num_layers
+    trained = ('lm_head.',) + tuple(f'model.layers.{i}.' for i in range(L - k, L))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert 'lm_head.weight' in changed
+    for n in before:
+        if n.startswith(trained): continue
+        # byte-compare everything that must not move
+        assert before[n].numpy().tobytes() == after[n].numpy().tobytes(), n
+    if k: assert any(n.startswith(f'model.layers.{L-1}.') for n in changed)
+
+
+def test_tied_embeddings_stay_as_chosen(tok, train, tmp_path):
+    # untie=True (default): lm_head gets its own copy, the embedding does not move, reload stays untied
+    m = pruned_tiny(); emb0 = m.get_input_embeddings().weight.detach().clone()
+    healed, log = heal(m, tok, small(method='partial', last_k=1), train, tmp_path/'untied', progress=False)
+    assert log['untied'] and any('untied' in s for s in log['notes'])
+    assert torch.equal(healed.get_input_embeddings().weight, emb0)
+    r, _ = load_model(str(tmp_path/'untied'))
+    assert r.config.tie_word_embeddings is False and r.lm_head.weight is not r.model.embed_tokens.weight
+    assert torch.equal(r.lm_head.weight, healed.lm_head.weight) and torch.equal(r.model.embed_tokens.weight, emb0)
+    # untie=False: they stay tied, so the embedding trains with lm_head; reload stays tied
+    m = pruned_tiny()
+    healed, log = heal(m, tok, small(method='partial', last_k=1, untie=False), train, tmp_path/'tied', progress=False)
+    assert not log['untied'] and healed.lm_head.weight is healed.model.embed_tokens.weight
+    assert not torch.equal(healed.get_input_embeddings().weight, emb0)
+    r, _ = load_model(str(tmp_path/'tied'))
+    assert r.config.tie_word_embeddings and r.lm_head.weight is r.model.embed_tokens.weight
+    # LoRA leaves tying alone
+    healed, _ = heal(pruned_tiny(), tok, small(method='lora'), train, progress=False)
+    assert healed.lm_head.weight is healed.model.embed_tokens.weight
+
+
+def test_qlora_trains_only_lora_and_merged_model_reloads(tok, train, tmp_path):
+    from transformers import AutoModelForCausalLM
+    m = pruned_tiny(); x = torch.tensor([tok('The quick brown fox jumps over the lazy dog.')['input_ids']])
+    healed, log = heal(m, tok, small(method='qlora', lr=3e-2), train, tmp_path/'q', progress=False)
+    assert log['trainable_names'] and all('lora_' in n for n in log['trainable_names'])
+    assert all(any(t in n for t in ('gate_proj', 'up_proj', 'down_proj')) for n in log['trainable_names'])  # FFN only
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path/'q', dtype=torch.float32)
+    assert not any('lora' in n for n, _ in plain.named_parameters())
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear
+    with torch.no_grad(): torch.testing.assert_close(plain(x, use_cache=False).logits, healed(x, use_cache=False).logits)
+    # the merged fp32 model computes what the 4-bit model + adapters computed
+    m = pruned_tiny(); cfg = small(method='qlora')
+    tm, info = prepare(m, cfg)
+    with torch.no_grad():
+        for n, p in tm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+        tm.eval(); ref = tm(input_ids=x, use_cache=False).logits
+        merged = merge(tm, m, 'qlora')
+        torch.testing.assert_close(merged(x, use_cache=False).logits, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_healing_lowers_validation_loss(tok, train, val):
+    for method in ('lora', 'partial'):
+        m = pruned_tiny(); before = block_loss(m, tok, val, seq_len=64)
+        cfg = small(method=method, steps=30, lr=2e-2 if method == 'lora' else 3e-3, batch_size=8, micro_batch=4, seq_len=64,
+                    rank=8, target='all-linear')
+        healed, log = heal(m, tok, cfg, train, progress=False)
+        after = block_loss(healed, tok, val, seq_len=64)
+        # a random tiny model: LoRA (frozen random lm_head) gains ~0.15 nats, lm_head + last layers far more
+        assert after < before - (0.1 if method == 'lora' else 0.5), (method, before, after)
+
+
+def interface_mse(student, teacher, x, interface, n_removed):
+    from layerprune.heal import capture_input
+    a, b = {}, {}
+    with torch.no_grad(), capture_input(decoder(student).layers[interface], a), \
+         capture_input(decoder(teacher).layers[interface + n_removed], b):
+        student(input_ids=x, use_cache=False); teacher(input_ids=x, use_cache=False)
+    return torch.nn.functional.mse_loss(a['h'], b['h']).item()
+
+
+def test_distill_pulls_interface_towards_teacher(tok, train, val):
+    teacher = tiny_model('llama', 6)
+    x = torch.tensor([tok(val[0])['input_ids'][:64]])
+    res = {}
+    for w in (0.0, 1000.0):
+        cfg = small(method='lora', distill=w, steps=10, target='all-linear')
+        healed, log = heal(pruned_tiny(), tok, cfg, train, teacher=teacher, interface=2, progress=False)
+        res[w] = interface_mse(healed, teacher, x, 2, 2)
+        if w: assert log['distill_mse'][-1] < log['distill_mse'][0]
+    assert res[1000.0] < 0.5 * res[0.0], res
+    ref = tiny_model('llama', 6)  # the teacher is untouched
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), ref.state_dict().values()))
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, '-m', 'layerprune.heal', *args], env=ENV, cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(Path(d)/'model.safetensors'))
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    pruned = pruned_tiny(); pruned.save_pretrained(tmp_path/'pruned'); tiny_tokenizer().save_pretrained(tmp_path/'pruned')
+    args = ['--model', str(tmp_path/'pruned'), '--method', 'lora', '--rank', '4', '--steps', '16', '--save-every', '4',
+            '--seq-len', '48', '--batch-size', '8', '--micro-batch', '4', '--lr', '1e-2', '--warmup', '2', '--max-texts', '300']
+    r = _cli(args + ['--out', str(tmp_path/'a')]); assert r.returncode == 0, r.stderr
+    # the same run, killed with SIGKILL once its second checkpoint exists, then resumed
+    p = subprocess.Popen([sys.executable, '-m', 'layerprune.heal', *args, '--out', str(tmp_path/'b')], env=ENV, cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path/'b.checkpoints'
+    t0 = time.time()
+    while not (ck/'step-0000008'/'state.json').exists() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL and not (tmp_path/'b').exists()
+    r = _cli(args + ['--out', str(tmp_path/'b')]); assert r.returncode == 2 and '--resume' in r.stderr
+    r = _cli(args + ['--out', str(tmp_path/'b'), '--resume']); assert r.returncode == 0, r.stderr
+    log_a, log_b = (json.loads((tmp_path/d/'heal_log.json').read_text()) for d in 'ab')
+    assert log_b['resumed_from'] >= 8 and log_a['loss'] == log_b['loss']
+    wa, wb = _weights(tmp_path/'a'), _weights(tmp_path/'b')
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    pruned = pruned_tiny(); pruned.save_pretrained(tmp_path/'pruned'); tiny_tokenizer().save_pretrained(tmp_path/'pruned')
+    args = ['--model', str(tmp_path/'pruned'), '--method', 'partial', '--last-k', '2', '--steps', '8', '--seq-len', '32',
+            '--batch-size', '8', '--micro-batch', '2', '--lr', '3e-3', '--warmup', '2', '--max-texts', '300']
+    r = _cli(args + ['--out', str(tmp_path/'one')]); assert r.returncode == 0, r.stderr
+    torchrun = Path(sys.executable).parent/'torchrun'
+    r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_port', '29533', '-m', 'layerprune.heal', *args,
+                        '--out', str(tmp_path/'two')], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path/d/'heal_log.json').read_text()) for d in ('one', 'two'))
+    assert two['world_size'] == 2 and one['world_size'] == 1
+    torch.testing.assert_close(torch.tensor(two['loss']), torch.tensor(one['loss']), atol=1e-4, rtol=0)
+    w1, w2 = _weights(tmp_path/'one'), _weights(tmp_path/'two')
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_bad_input_clear_error_nothing_written(tmp_path, capsys):
+    pruned = pruned_tiny(); pruned.save_pretrained(tmp_path/'pruned'); tiny_tokenizer().save_pretrained(tmp_path/'pruned')
+    (tmp_path/'leak.txt').write_text('\n\n'.join(load_texts('wiki', 'train', n=50) + load_texts('wiki', 'validation', n=1)))
+    out = tmp_path/'out'
+    base = ['heal', '--model', str(tmp_path/'pruned'), '--out', str(out), '--steps', '2', '--seq-len', '32', '--batch-size', '4']
+    cases = [(['--method', 'sgd'], 'unknown healing method'), (['--method', 'lora', '--rank', '0'], 'rank must be'),
+             (['--method', 'partial', '--last-k', '5'], 'larger than the number of decoder layers'),
+             (['--method', 'lora', '--steps', '0'], 'steps must be'),
+             (['--method', 'lora', '--text', str(tmp_path/'leak.txt')], 'overlaps the validation split'),
+             (['--method', 'lora', '--distill', '1'], '--teacher'),
+             (['--method', 'lora', '--text', str(tmp_path/'missing.txt')], 'not found')]
+    for extra, msg in cases:
+        assert main(base + extra) == 2, extra
+        assert msg in capsys.readouterr().err, (extra, msg)
+        assert sorted(os.listdir(tmp_path)) == ['leak.txt', 'pruned'], extra
+
+
+def test_heal_paper_notebooks_execute_with_papermill(tmp_path):
+    "heal_curves, heal_rank and lu_finetune run end to end through the runner on a tiny model (PNG+PDF+CSV+JSON)."
+    import yaml
+    spec = yaml.safe_load((REPO/'paper_runs.yaml').read_text())
+    common = dict(model='tiny:llama', steps=2, batch_size=4, seq_len=32, train_docs=120, val_docs=4, eval_seq_len=32, threads=1)
+    dist = dict(distance_samples=4, distance_seq_len=32)
+    params = {'heal_curves': dict(common, **dist, fractions=[0.34], strategies=['similarity', 'deepest'], seeds=[0], method='lora',
+                                  rank=2, lr=1e-3, tag='curves'),
+              'heal_rank': dict(common, **dist, fraction=0.34, strategy='similarity', ranks=[1], method='lora', lr=1e-3),
+              'lu_finetune': dict(common, fraction=0.25, strategy='reverse', methods=['qlora', 'partial-1'],
+                                  rank=2, lora_lr=1e-3, partial_lr=1e-3)}
+    runs = {k: {'notebook': str(REPO/spec['runs'][k]['notebook']), 'offline': [v]} for k, v in params.items()}
+    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
+    r = subprocess.run([str(Path(sys.executable).parent/'layerprune'), 'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    names = sorted(p.name for p in (tmp_path/'figures').iterdir())
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('heal_curves', 'heal_rank', 'lu_finetune') for e in ('png', 'pdf', 'csv', 'json'))
+    rows = (tmp_path/'figures'/'lu_finetune_tiny_llama.csv').read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith('qlora,')
+    assert len(list((tmp_path/'runs'/'cache').glob('heal_*.json'))) >= 5  # one JSON per (pruned, healed) point
+
+
+def test_committed_heal_figures_exist():
+    for f in ('heal_curves', 'heal_seeds', 'heal_rank', 'lu_finetune'):
+        for e in ('png', 'pdf', 'csv', 'json'):
+            assert (REPO/'figures'/f'{f}_smollm2-135m.{e}').exists(), f'{f}.{e}'
