@@ -10,7 +10,7 @@ and how the distance pass scales with samples and seq_len.
 
   python bench/distance.py [--model smollm2-135m] [--samples 16] [--seq-len 128] [--batch-size 8] [--per-n 4] [--json OUT]
 """
-import argparse, json, math, sys
+import argparse, json, math, os, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,6 +80,9 @@ def main():
     res['time_ratio'] = res['distance_s'] / res['bare_s']
     print(f'time   distance / bare forward      = {res["time_ratio"]:.3f}  (goal <= 1.10; {res["distance_s"]:.2f}s vs {res["bare_s"]:.2f}s, median of {args.repeats})')
 
+    # children: a fixed glibc mmap threshold puts every tensor > 64 KB in its own mapping, returned to the OS on free,
+    # so RSS tracks live memory (with the default dynamic threshold, heap fragmentation made the ratio swing 1.2-2.4)
+    os.environ.setdefault('MALLOC_MMAP_THRESHOLD_', str(1 << 16))
     mem = {m: in_subprocess(__file__, ['--child', m, '--model', args.model, '--samples', args.samples, '--seq-len', args.seq_len,
                                       '--batch-size', args.batch_size])['delta'] for m in ('bare', 'distance')}
     res.update(bare_peak_mb=mem['bare'] / 2**20, distance_peak_mb=mem['distance'] / 2**20)
