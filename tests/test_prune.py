@@ -190,7 +190,9 @@ def test_smollm2_prune_save_reload_generate(smollm2, tmp_path):
     rep = json.loads((out/'layerprune_report.json').read_text())
     assert rep['removed_layers'] == layers and rep['params_before'] - rep['params_after'] == 6 * per_layer
     # a fresh python that never imports layerprune loads and generates
-    code = ('import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n'
+    # same intra-op thread count as this process, so float reductions run in the same order (bit-identical)
+    code = (f'import sys, torch\ntorch.set_num_threads({torch.get_num_threads()})\n'
+            'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
             f'p = {str(out)!r}\nt = AutoTokenizer.from_pretrained(p); m = AutoModelForCausalLM.from_pretrained(p)\n'
             'ids = t("The capital of France is", return_tensors="pt")\n'
             'torch.save(m(ids["input_ids"]).logits.detach(), "logits.pt")\n'
