@@ -15,7 +15,7 @@ from .hooks import layer_hooks
 from .data import batches, last_token_index, load_texts
 
 # %% auto #0
-__all__ = ['capture_states', 'angular', 'DistanceResult', 'angular_distances', 'distances_for', 'add_cli']
+__all__ = ['capture_states', 'angular', 'DistanceResult', 'angular_distances', 'add_cli']
 
 # %% ../nbs/02_distance.ipynb #34f99617
 @contextlib.contextmanager
@@ -145,30 +145,6 @@ def angular_distances(model, # a causal LM
     sem = (var / count).sqrt() if count > 1 else torch.zeros_like(mean)
     return DistanceResult(name or getattr(model.config, '_name_or_path', ''), L, count, seq_len, mean.numpy(), sem.numpy(),
                           'all' if all_tokens else 'last', text)
-
-# %% ../nbs/02_distance.ipynb #e6970610
-def distances_for(model_name:str, # anything `load_model` takes
-                  text:str='wiki', # text source (`load_texts`)
-                  samples:int=256, # documents (validation split)
-                  seq_len:int=512, # tokens per document
-                  batch_size:int=8, # documents per forward pass
-                  all_tokens:bool=False, # average over all tokens
-                  cache:str|Path|None='runs/cache', # folder for the cached JSON (None: no cache)
-                  model=None, tokenizer=None, # an already loaded model (else loaded by name)
-                 ) -> DistanceResult:
-    "Distances for a named model and text, computed once and cached as JSON (a re-run reuses it)."
-    if samples < 1: raise LayerpruneError(f'samples must be >= 1, got {samples}')
-    def compute():
-        nonlocal model, tokenizer
-        if model is None:
-            from layerprune.models import load_model
-            model, tokenizer = load_model(model_name)
-        texts = load_texts(text, 'validation', samples)
-        return angular_distances(model, tokenizer, texts, seq_len, batch_size, all_tokens, progress=True,
-                                 name=model_name, text=text).to_json()
-    if cache is None: return DistanceResult.from_json(compute())
-    key = f'distances_{slug(model_name)}_{slug(text)}_{samples}x{seq_len}_{"all" if all_tokens else "last"}.json'
-    return DistanceResult.from_json(cached_json(Path(cache)/key, compute))
 
 # %% ../nbs/02_distance.ipynb #660190df
 def add_cli(sub):
