@@ -116,11 +116,25 @@ def _lm_batches(model, tokenizer, texts, seq_len, batch_size):
     for b in batches(texts, tokenizer, seq_len, batch_size, padding_side='right'):
         yield {k: v.to(dev) for k, v in b.items()}
 
-# %% ../nbs/03_prune.ipynb #9e3e60df
+# %% ../nbs/03_prune.ipynb #ae4c7be3
 def _magnitude(model, p, **_):
     return [sum(float(w.detach().float().norm(p=p)) for w in layer.parameters() if w.dim() > 1) for layer in decoder(model).layers]
 
-def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, **_):
+@contextlib.contextmanager
+def _grad_checkpointing(model):
+    "Recompute each decoder layer's activations in the backward pass, with every dropout still off."
+    if not getattr(model, 'supports_gradient_checkpointing', False): yield; return
+    modes = {m: m.training for m in model.modules()}
+    was_on = getattr(model, 'is_gradient_checkpointing', False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    for m in model.modules(): m.training = False
+    for layer in decoder(model).layers: layer.training = True   # transformers checkpoints a layer only in training mode
+    try: yield
+    finally:
+        if not was_on: model.gradient_checkpointing_disable()
+        for m, t in modes.items(): m.training = t
+
+def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, checkpointing=False, **_):
     layers = decoder(model).layers
     params = [list(l.parameters()) for l in layers]
     req = {p: p.requires_grad for p in model.parameters()}
@@ -130,12 +144,12 @@ def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, **_):
     was_training = model.training; model.eval()
     try:
         tot = 0
-        with torch.enable_grad():
-            for b in _lm_batches(model, tokenizer, texts, seq_len, batch_size):
+        with torch.enable_grad(), (_grad_checkpointing(model) if checkpointing else contextlib.nullcontext()):
+            for b in _lm_batches(model, tokenizer, texts, seq_len, batch_size):   # batch_size is the micro-batch
                 losses, _ = token_losses(model, b); losses.sum().backward(); tot += losses.numel()
         if tot == 0: raise LayerpruneError('no next-token targets in the calibration texts')
         # first-order Taylor importance of each weight, |dL/dW * W| with L the mean token loss, summed per layer
-        return [sum(float((p.grad / tot * p.detach()).abs().sum()) for p in ps if p.grad is not None) for ps in params]
+        return [sum(float((p.grad.float() / tot * p.detach().float()).abs().sum()) for p in ps if p.grad is not None) for ps in params]
     finally:
         for p, r in req.items(): p.requires_grad_(r); p.grad = None
         model.train(was_training)
@@ -197,7 +211,7 @@ def _similarity(model, n, tokenizer, texts, seq_len=128, batch_size=8, distances
 STRATEGIES = {'similarity': _similarity, 'deepest': _block_deepest, 'reverse': _block_reverse, 'random': _random, **METRICS}
 NEEDS_TEXT = ('similarity', 'taylor', 'ppl', 'bi')  # magnitude needs only the weights
 
-# %% ../nbs/03_prune.ipynb #ae1a6b6f
+# %% ../nbs/03_prune.ipynb #8f11b9c7
 def _check_strategy(strategy, tokenizer, texts):
     if strategy not in STRATEGIES:
         raise LayerpruneError(f'unknown strategy {strategy!r}; known: {", ".join(STRATEGIES)}')
@@ -211,12 +225,14 @@ def layer_scores(model, # a causal LM
                  seq_len:int=128, # tokens per document
                  batch_size:int=8, # documents per forward pass
                  progress:bool=False, # report progress on stderr
+                 checkpointing:bool=False, # taylor: recompute activations in the backward pass (large models)
                 ) -> list[float]:
     "Importance of every layer under a metric strategy (higher = more important; the lowest are removed)."
     if strategy not in METRICS:
         raise LayerpruneError(f'{strategy!r} is not a metric strategy; metric strategies: {", ".join(METRICS)}')
     _check_strategy(strategy, tokenizer, texts)
-    return METRICS[strategy](model=model, tokenizer=tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    return METRICS[strategy](model=model, tokenizer=tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size,
+                             progress=progress, checkpointing=checkpointing)
 
 def lowest(scores:list[float], n:int) -> list[int]:
     "Sorted indices of the `n` lowest scores (ties: the deeper layer first)."
