@@ -219,12 +219,16 @@ def test_malformed_checkpoint_content_gives_one_line(tok, train, tmp_path):
     ck = tmp_path/'o.checkpoints'/'step-0000002'
     good = {f: (ck/f).read_bytes() for f in os.listdir(ck)}
     st = json.loads(good['state.json']); tr = load_file(str(ck/'trainable.safetensors'))
+    op, rng = load_file(str(ck/'optimizer.safetensors')), load_file(str(ck/'rng.safetensors'))
     name = next(iter(tr))
     cases = {'state.json': [dict(st, step=3), dict(st, step='2'), dict(st, scheduler={**st['scheduler'], 'last_epoch': 1.5}),
                             dict(st, python_rng=[3, [1] * 3, None]), dict(st, param_groups=[]), dict(st, format='x'),
                             dict(st, log={**st['log'], 'loss': [1.0]})],
              'trainable.safetensors': [{**tr, name: tr[name][:1]}, {k: v for k, v in tr.items() if k != name},
-                                       {**tr, name: tr[name].double()}]}
+                                       {**tr, name: tr[name].double()}],
+             'optimizer.safetensors': [{k: v for k, v in op.items() if k != '0.exp_avg'}, {**op, '0.exp_avg': op['0.exp_avg'][:1]},
+                                       {**op, '99.step': op['0.step'].clone()}, {**op, 'x': op['0.step'].clone()}],
+             'rng.safetensors': [{}, {'torch': rng['torch'].float()}, {**rng, 'other': rng['torch'].clone()}, {'torch': rng['torch'][:7]}]}
     for f, bads in cases.items():
         for bad in bads:
             if f == 'state.json': (ck/f).write_text(json.dumps(bad))

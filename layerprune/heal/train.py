@@ -184,7 +184,7 @@ def _rng_state(ck) -> dict:
     t = _read_safetensors(ck/'rng.safetensors')
     want = {k: v for k, v in _rng_tensors().items() if k == 'torch' or k in t}
     if any(not k.startswith('cuda.') for k in set(t) - set(want)): raise _bad(ck, 'rng.safetensors: unknown names')
-    _check_tensors({k: t[k] for k in want}, want, ck, 'rng.safetensors')
+    _check_tensors({k: t[k] for k in want if k in t}, want, ck, 'rng.safetensors')
     return {k: t[k] for k in want}
 
 # %% ../../nbs/05c_heal_train.ipynb #e5e9b0d8
@@ -221,7 +221,6 @@ def load_checkpoint(ck:Path, # a checkpoint folder written by `save_checkpoint`
 def _output_lock(out_dir:Path, work:Path):
     "Hold the lock of `out_dir` (file `work/.lock`) while the block runs; clean temporaries of killed runs first."
     import fcntl
-    made = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     f = open(work/'.lock', 'a+')
     try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
