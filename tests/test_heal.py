@@ -3,7 +3,9 @@ import json, os, pickle, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from torch import nn
-from layerprune.heal import HealConfig, heal, prepare, merge, block_loss
+from layerprune.heal import HealConfig, heal, prepare, merge
+from layerprune.hooks import layer_hooks
+from layerprune.loss import lm_loss
 from layerprune.models import tiny_model, tiny_tokenizer, decoder, load_model
 from layerprune.data import load_texts
 from layerprune.cli import main
@@ -42,6 +44,11 @@ def val(): return load_texts('wiki', 'validation', n=40)
 
 def small(**kw):
     return HealConfig(**{**dict(steps=6, warmup=1, lr=1e-2, batch_size=4, micro_batch=2, seq_len=32, rank=4), **kw})
+
+
+def block_loss(model, tok, texts, seq_len):
+    "Mean next-token loss (nats) over packed validation blocks."
+    return lm_loss(model, tok, texts, seq_len=seq_len, batch_size=4, packed=True, max_blocks=16)['nats']
 
 
 def snapshot(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -116,10 +123,9 @@ def test_healing_lowers_validation_loss(tok, train, val):
 
 
 def interface_mse(student, teacher, x, interface, n_removed):
-    from layerprune.heal import capture_input
     a, b = {}, {}
-    with torch.no_grad(), capture_input(decoder(student).layers[interface], a), \
-         capture_input(decoder(teacher).layers[interface + n_removed], b):
+    with torch.no_grad(), layer_hooks(student, pre=lambda i, h: a.__setitem__('h', h), pre_layers=[interface]), \
+         layer_hooks(teacher, pre=lambda i, h: b.__setitem__('h', h), pre_layers=[interface + n_removed]):
         student(input_ids=x, use_cache=False); teacher(input_ids=x, use_cache=False)
     return torch.nn.functional.mse_loss(a['h'], b['h']).item()
 
@@ -165,8 +171,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert p.returncode == -signal.SIGKILL and not (tmp_path/'b').exists()
     r = _cli(args + ['--out', str(tmp_path/'b')]); assert r.returncode == 2 and '--resume' in r.stderr
     # what a kill in the middle of writing leaves: a half-written checkpoint folder and a half-written output folder
-    (ck/'.step-0000012.k1ll.tmp').mkdir(); (ck/'.step-0000012.k1ll.tmp'/'trainable.safetensors').write_bytes(b'\0' * 10)
-    (tmp_path/'.b.k1ll.tmp').mkdir(); (tmp_path/'.b.k1ll.tmp'/'model.safetensors').write_bytes(b'\0' * 10)
+    # (temporaries carry their writer's process id: here the killed one's)
+    for tmp in (ck/f'.step-0000012.{p.pid}.k1ll.tmp', tmp_path/f'.b.{p.pid}.k1ll.tmp'):
+        tmp.mkdir(); (tmp/'model.safetensors').write_bytes(b'\0' * 10)
     r = _cli(args + ['--out', str(tmp_path/'b'), '--resume']); assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'pruned']  # temporaries, checkpoints and lock gone
     log_a, log_b = (json.loads((tmp_path/d/'heal_log.json').read_text(), parse_constant=_no_nan) for d in 'ab')

@@ -9,20 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..utils import LayerpruneError, fmt_layers
-from ..models import decoder
+from ..models import decoder, unwrap
 from .config import HealConfig
 
 # %% auto #0
 __all__ = ['ffn_targets', 'check_disjoint', 'untie_embeddings', 'prepare', 'merge']
 
 # %% ../../nbs/05b_heal_prepare.ipynb #8f051da6
-def _unwrap(model):
-    "The plain transformers model inside DDP/peft wrappers."
-    if isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
-    if hasattr(model, 'get_base_model'): model = model.get_base_model()
-    return model
-
-# %% ../../nbs/05b_heal_prepare.ipynb #63624ee5
 _FFN_NAMES = [('gate_proj', 'up_proj', 'down_proj'),       # llama, mistral, qwen2/3, gemma2/3
               ('fc1', 'fc2'),                               # phi, opt
               ('mlp.c_fc', 'mlp.c_proj'),                   # gpt2
@@ -31,13 +24,13 @@ _FFN_NAMES = [('gate_proj', 'up_proj', 'down_proj'),       # llama, mistral, qwe
 def ffn_targets(model:nn.Module, # a transformers causal LM (or a peft/DDP wrapper of one)
                ) -> list[str]:
     "peft `target_modules` naming the FFN (MLP) projections of `model`'s decoder layers."
-    layer = decoder(_unwrap(model)).layers[0]
+    layer = decoder(unwrap(model)).layers[0]
     names = {n for n, _ in layer.named_modules()}
     for cand in _FFN_NAMES:
         if all(any(n == c or n.endswith('.' + c) for n in names) for c in cand): return list(cand)
     raise LayerpruneError(f'cannot find the FFN projections of {type(model).__name__} (looked for {_FFN_NAMES})')
 
-# %% ../../nbs/05b_heal_prepare.ipynb #69b2ab19
+# %% ../../nbs/05b_heal_prepare.ipynb #f75c258e
 def _units(text:str):
     norm = ' '.join(text.split())
     yield norm
@@ -63,7 +56,7 @@ def check_disjoint(train_texts:list[str], # healing texts
             if _digest(u) in seen:
                 raise LayerpruneError(f'healing text #{i} overlaps the validation split ({u[:60]!r}...): heal on the train split')
 
-# %% ../../nbs/05b_heal_prepare.ipynb #3fd9d4b0
+# %% ../../nbs/05b_heal_prepare.ipynb #a8fb1c57
 def _is_tied(model) -> bool:
     d = decoder(model)
     return d.lm_head is not None and d.lm_head.weight is d.embed.weight
@@ -83,7 +76,7 @@ def untie_embeddings(model:nn.Module, # a transformers causal LM, changed in pla
     _set_tie_flag(model, False)
     return True
 
-# %% ../../nbs/05b_heal_prepare.ipynb #ee8598a0
+# %% ../../nbs/05b_heal_prepare.ipynb #512b3724
 def _prepare_partial(model, config:HealConfig, info:dict) -> nn.Module:
     "Freeze all of `model` but lm_head and its last `config.last_k` layers (untying a tied lm_head first if `config.untie`)."
     d = decoder(model)
@@ -104,7 +97,7 @@ def _prepare_partial(model, config:HealConfig, info:dict) -> nn.Module:
     info['notes'].append(f'training lm_head + layers {fmt_layers(info["trained_layers"])}')
     return model
 
-# %% ../../nbs/05b_heal_prepare.ipynb #b8710ae3
+# %% ../../nbs/05b_heal_prepare.ipynb #ee8598a0
 _QTMP = 'layerprune-qlora-'
 
 def _clean_dead_temporaries(parent:Path, prefix:str) -> None:
@@ -127,7 +120,7 @@ def _quantize_4bit(model, device):
         finally: hf_logging.enable_progress_bar()
     return q
 
-# %% ../../nbs/05b_heal_prepare.ipynb #c315738c
+# %% ../../nbs/05b_heal_prepare.ipynb #a0419e20
 def _prepare_lora(model, config:HealConfig, info:dict) -> nn.Module:
     "Wrap `model` (first quantized to 4-bit NF4 for `qlora`) with LoRA adapters on `config.target`."
     from peft import LoraConfig, get_peft_model
@@ -142,7 +135,7 @@ def _prepare_lora(model, config:HealConfig, info:dict) -> nn.Module:
     info['targets'] = targets
     return train_model
 
-# %% ../../nbs/05b_heal_prepare.ipynb #6d391d01
+# %% ../../nbs/05b_heal_prepare.ipynb #c315738c
 def prepare(model:nn.Module, # the (pruned) model; `lora`/`partial` modify it in place
             config:HealConfig, # the healing recipe (`method`, `rank`, `target`, `last_k`, `untie`, `seed` matter here)
            ) -> tuple[nn.Module, dict]:
@@ -152,10 +145,10 @@ def prepare(model:nn.Module, # the (pruned) model; `lora`/`partial` modify it in
     train_model = (_prepare_partial if config.method == 'partial' else _prepare_lora)(model, config, info)
     info['trainable_names'] = [n for n, p in train_model.named_parameters() if p.requires_grad]
     info['trainable_params'] = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    info['total_params'] = sum(p.numel() for p in _unwrap(train_model).parameters())
+    info['total_params'] = sum(p.numel() for p in unwrap(train_model).parameters())
     return train_model, info
 
-# %% ../../nbs/05b_heal_prepare.ipynb #465fba9d
+# %% ../../nbs/05b_heal_prepare.ipynb #c3e6d7cb
 @torch.no_grad()
 def _merge_qlora(train_model, model) -> nn.Module:
     "Write de-quantized 4-bit weights plus LoRA deltas of `train_model` into the fp32 `model`."

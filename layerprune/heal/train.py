@@ -4,36 +4,30 @@
 
 # %% ../../nbs/05c_heal_train.ipynb #0243742c
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, random, shutil, sys, threading, time
+import contextlib, hashlib, json, math, os, random, shutil, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
 from torch import nn
-from ..utils import LayerpruneError, atomic_dir, atomic_write_json, fmt_layers
-from ..models import decoder
+from ..utils import LayerpruneError, PeakMemory, atomic_dir, atomic_write_json, check_output, clean_temporaries, fmt_layers
+from ..models import decoder, unwrap
+from ..hooks import layer_hooks
 from .config import HealConfig
-from .prepare import prepare, merge, check_disjoint, _unwrap, _digest
+from .prepare import prepare, merge, check_disjoint, _digest
 
 # %% auto #0
-__all__ = ['capture_input', 'save_checkpoint', 'load_checkpoint', 'heal', 'block_loss', 'heal_point', 'add_cli']
+__all__ = ['save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
 
 # %% ../../nbs/05c_heal_train.ipynb #e7cf0c30
-def _interface_module(model, index):
-    d = decoder(_unwrap(model))
-    if not 0 <= index <= d.num_layers:
-        raise LayerpruneError(f'interface {index} is outside the decoder (0..{d.num_layers}, 0-based)')
-    return d.layers[index] if index < d.num_layers else d.norm
+def _check_interface(model, index) -> None:
+    "Raise `LayerpruneError` unless `index` is a decoder layer of `model` or the end of the decoder (0-based)."
+    L = decoder(unwrap(model)).num_layers
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= L:
+        raise LayerpruneError(f'interface {index} is outside the decoder (0..{L}, 0-based)')
 
-@contextlib.contextmanager
-def capture_input(module:nn.Module, # a decoder layer or the final norm
-                  store:dict, # receives `store['h']`: the hidden states entering `module`
-                 ):
-    "Context manager: record the hidden states entering `module` on every forward (hook removed on exit, also on error)."
-    def hook(mod, args, kwargs):
-        store['h'] = kwargs['hidden_states'] if 'hidden_states' in kwargs else args[0]
-    h = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try: yield store
-    finally: h.remove()
+def _capture(model, index:int, store:dict):
+    "Context manager: `store['h']` receives the hidden states entering layer `index` (the final norm if it is the end)."
+    return layer_hooks(model, pre=lambda i, h: store.__setitem__('h', h), pre_layers=[index])
 
 # %% ../../nbs/05c_heal_train.ipynb #a2698027
 def _dist_info() -> tuple[int, int]:
@@ -55,30 +49,10 @@ def _global_batch(step, B, n, seed, cache) -> list[int]:
         idx.append(int(cache[e][i]))
     return idx
 
-# %% ../../nbs/05c_heal_train.ipynb #a09b3c02
-class _PeakRSS:
-    "Peak resident memory of this process while the block runs (sampled every 10 ms); CUDA: max allocated."
-    def __init__(self, device): self.cuda = torch.device(device).type == 'cuda'; self.peak = 0; self._stop = threading.Event()
-    def _rss(self):
-        try: return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-        except OSError: return 0
-    def _run(self):
-        while not self._stop.wait(0.01): self.peak = max(self.peak, self._rss())
-    def __enter__(self):
-        if self.cuda: torch.cuda.reset_peak_memory_stats()
-        self.peak = self._rss(); self._t = threading.Thread(target=self._run, daemon=True); self._t.start(); return self
-    def __exit__(self, *a):
-        self._stop.set(); self._t.join()
-        if self.cuda: self.peak = torch.cuda.max_memory_allocated()
-    @property
-    def kind(self): return 'cuda_max_allocated' if self.cuda else 'rss'
-
-# %% ../../nbs/05c_heal_train.ipynb #6c449042
+# %% ../../nbs/05c_heal_train.ipynb #3d52a863
 _CKPT_FORMAT = 'layerprune-heal-checkpoint-1'
 
-def _trainable(model) -> dict: 
-    m = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {n: p for n, p in m.named_parameters() if p.requires_grad}
+def _trainable(model) -> dict: return {n: p for n, p in unwrap(model, peft=False).named_parameters() if p.requires_grad}
 
 def _checkpoints(work) -> list[Path]:
     "Complete checkpoint folders in `work`, oldest first."
@@ -109,7 +83,7 @@ def save_checkpoint(work, # the run's checkpoint folder (`<out_dir>.checkpoints`
     for old in _checkpoints(work)[:-1]: shutil.rmtree(old, ignore_errors=True)
     return path
 
-# %% ../../nbs/05c_heal_train.ipynb #eaae72de
+# %% ../../nbs/05c_heal_train.ipynb #dca2777e
 def _bad(ck, what): return LayerpruneError(f'checkpoint {ck} is damaged or not a layerprune checkpoint ({what}): delete it')
 
 def _read_safetensors(path:Path) -> dict:
@@ -136,7 +110,7 @@ def _like(saved, fresh, where:str):
     if type(saved) is type(fresh) and (fresh is None or isinstance(fresh, (bool, int, str))): return saved
     raise ValueError(f'{where}: expected {type(fresh).__name__}, got {type(saved).__name__}')
 
-# %% ../../nbs/05c_heal_train.ipynb #a700da7c
+# %% ../../nbs/05c_heal_train.ipynb #e9100f84
 def _check_log(st:dict, ck, config:HealConfig) -> None:
     "Check `state.json`'s step and log (the only parts not compared with a fresh structure)."
     step, log = st.get('step'), st.get('log')
@@ -158,7 +132,7 @@ def _python_rng(v, ck) -> tuple:
     if not ok: raise _bad(ck, 'python_rng')
     return (3, tuple(v[1]), v[2])
 
-# %% ../../nbs/05c_heal_train.ipynb #83996f05
+# %% ../../nbs/05c_heal_train.ipynb #a700da7c
 def _check_tensors(saved:dict, want:dict, ck, name:str) -> None:
     "`saved` must have exactly the names of `want`, each with its shape and dtype."
     if set(saved) != set(want):
@@ -187,7 +161,7 @@ def _rng_state(ck) -> dict:
     _check_tensors({k: t[k] for k in want if k in t}, want, ck, 'rng.safetensors')
     return {k: t[k] for k in want}
 
-# %% ../../nbs/05c_heal_train.ipynb #e5e9b0d8
+# %% ../../nbs/05c_heal_train.ipynb #83996f05
 def load_checkpoint(ck:Path, # a checkpoint folder written by `save_checkpoint`
                     model, optim, sched, # what trains, its AdamW and LR scheduler (restored in place)
                     config:HealConfig, # this run's recipe (must be the one the checkpoint was made with)
@@ -216,7 +190,7 @@ def load_checkpoint(ck:Path, # a checkpoint folder written by `save_checkpoint`
     except (RuntimeError, ValueError, TypeError) as e: raise _bad(ck, f'rng: {type(e).__name__}') from None
     return st
 
-# %% ../../nbs/05c_heal_train.ipynb #7a47dc09
+# %% ../../nbs/05c_heal_train.ipynb #9a9a9c12
 @contextlib.contextmanager
 def _output_lock(out_dir:Path, work:Path):
     "Hold the lock of `out_dir` (file `work/.lock`) while the block runs; clean temporaries of killed runs first."
@@ -227,15 +201,14 @@ def _output_lock(out_dir:Path, work:Path):
     except OSError:
         f.close(); raise LayerpruneError(f'another heal run is writing {out_dir} (it holds {work/".lock"})') from None
     try:
-        for p in [*work.glob('.*.tmp'), *out_dir.parent.glob(f'.{out_dir.name}.*.tmp')]:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        clean_temporaries(work); clean_temporaries(out_dir.parent)
         yield
     except BaseException:
         if not _checkpoints(work): shutil.rmtree(work, ignore_errors=True)
         raise
     finally: f.close()
 
-# %% ../../nbs/05c_heal_train.ipynb #a8b873e8
+# %% ../../nbs/05c_heal_train.ipynb #df7c879f
 def _check_model(model, config:HealConfig, teacher, interface) -> int:
     "Check the recipe against the model (and teacher); return the number of removed layers (0 without distillation)."
     if not isinstance(config, HealConfig): raise LayerpruneError('config must be a HealConfig')
@@ -246,15 +219,13 @@ def _check_model(model, config:HealConfig, teacher, interface) -> int:
     if teacher is None or interface is None: raise LayerpruneError('distill > 0 needs the unpruned teacher model and the interface index')
     n_removed = decoder(teacher).num_layers - d.num_layers
     if n_removed < 1: raise LayerpruneError('the teacher must have more layers than the pruned model')
-    _interface_module(model, interface); _interface_module(teacher, interface + n_removed)
+    _check_interface(model, interface); _check_interface(teacher, interface + n_removed)
     return n_removed
 
 def _check_output(out_dir, resume:bool, overwrite:bool) -> tuple[Path|None, Path|None]:
     "`(out_dir, checkpoint folder)` as paths, after checking that the run may write there."
     if not out_dir: return None, None
-    out_dir = Path(out_dir); work = Path(str(out_dir) + '.checkpoints')
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise LayerpruneError(f'output directory {out_dir} exists and is not empty (pass --overwrite to replace it)')
+    out_dir = check_output(out_dir, 'dir', overwrite, 'output directory'); work = Path(str(out_dir) + '.checkpoints')
     if work.exists() and not work.is_dir(): raise LayerpruneError(f'{work} exists and is not a directory')
     if _checkpoints(work) and not resume:
         raise LayerpruneError(f'{work} holds checkpoints of an interrupted run: pass --resume to continue it, or delete it')
@@ -272,7 +243,7 @@ def _blocks(tok, config:HealConfig, train_texts, validation_texts, world:int) ->
         raise LayerpruneError(f'the healing text makes only {len(blocks)} blocks of {config.seq_len} tokens; one global batch needs {config.batch_size}')
     return blocks
 
-# %% ../../nbs/05c_heal_train.ipynb #802a632b
+# %% ../../nbs/05c_heal_train.ipynb #cb441391
 @dataclass
 class _Run:
     cfg: HealConfig; model: nn.Module; params: list; optim: object; sched: object; log: dict; blocks: torch.Tensor
@@ -302,7 +273,7 @@ def _resume(r:_Run, progress:bool) -> int:
     if r.rank == 0 and progress: print(f'heal: resuming from {cks[-1]} (step {start}/{r.cfg.steps})', file=sys.stderr)
     return start
 
-# %% ../../nbs/05c_heal_train.ipynb #9e9412f6
+# %% ../../nbs/05c_heal_train.ipynb #45457f30
 def _finite(ts) -> bool: return all(bool(torch.isfinite(t).all()) for t in ts)
 
 def _diverged(r:_Run, step:int, what:str) -> LayerpruneError:
@@ -336,7 +307,7 @@ def _step(r:_Run, step:int) -> torch.Tensor:
     r.optim.step(); r.sched.step()
     return sums
 
-# %% ../../nbs/05c_heal_train.ipynb #accd8c64
+# %% ../../nbs/05c_heal_train.ipynb #9e9412f6
 def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
     "Log step `done` (1-based), write a checkpoint when due (finite parameters only), print progress."
     cfg = r.cfg
@@ -353,16 +324,16 @@ def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
         print(f'heal {cfg.method}: step {done}/{cfg.steps} loss {r.log["loss"][-1]:.4f} lr {r.log["lr"][-1]:.2e} '
               f'{r.tokens / max(el, 1e-9):.0f} tok/s', file=sys.stderr, flush=True)
 
-# %% ../../nbs/05c_heal_train.ipynb #840a31d3
-def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback) -> _PeakRSS:
+# %% ../../nbs/05c_heal_train.ipynb #accd8c64
+def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback) -> PeakMemory:
     "Steps `start..steps-1` with the teacher hooks (if distilling) installed; return the memory meter."
     hooks = contextlib.ExitStack()
     if r.cfg.distill > 0:
         r.teacher.eval().requires_grad_(False)
-        hooks.enter_context(capture_input(_interface_module(r.model, interface), r.st_s))
-        hooks.enter_context(capture_input(_interface_module(r.teacher, interface + n_removed), r.st_t))
+        hooks.enter_context(_capture(r.model, interface, r.st_s))
+        hooks.enter_context(_capture(r.teacher, interface + n_removed, r.st_t))
     r.model.train(); r.t0 = time.perf_counter()
-    with hooks, _PeakRSS(r.device) as mem:
+    with hooks, PeakMemory(r.device, interval=0.01) as mem:
         for step in range(start, r.cfg.steps):
             sums = _step(r, step)
             _after_step(r, step + 1, sums, progress)
@@ -377,7 +348,7 @@ def _save_result(healed, tok, log:dict, out_dir:Path, work:Path, overwrite:bool)
         atomic_write_json(tmp/'heal_log.json', log)
     shutil.rmtree(work, ignore_errors=True)
 
-# %% ../../nbs/05c_heal_train.ipynb #b1ff3386
+# %% ../../nbs/05c_heal_train.ipynb #3366090b
 def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it in place
          tok, # its tokenizer
          config:HealConfig, # what to do (see `HealConfig`)
@@ -412,24 +383,6 @@ def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it i
     if world > 1: torch.distributed.barrier()
     return healed, r.log
 
-# %% ../../nbs/05c_heal_train.ipynb #27dfcec1
-@torch.no_grad()
-def block_loss(model, # a causal LM
-               tok, # its tokenizer
-               texts:list[str], # documents, packed EOS-separated
-               seq_len:int=128, # tokens per block
-               max_blocks:int=16, # use at most this many blocks
-               batch_size:int=4, # blocks per forward pass
-              ) -> float:
-    "Mean next-token loss (nats) of `model` over packed `seq_len`-token blocks of `texts` (a quick check, not `evaluate`)."
-    # to be replaced by layerprune.loss.lm_loss(packed=True)
-    from layerprune.data import pack
-    x = pack(texts, tok, seq_len, max_blocks).to(next(model.parameters()).device)
-    was = model.training; model.eval()
-    losses = [model(input_ids=b, labels=b, use_cache=False).loss.item() for b in x.split(batch_size)]
-    model.train(was)
-    return sum(losses) / len(losses)
-
 # %% ../../nbs/05c_heal_train.ipynb #77034b32
 def heal_point(model_name:str, # anything `load_model` takes
                n:int, # layers to remove (0: only measure the unpruned model)
@@ -448,7 +401,9 @@ def heal_point(model_name:str, # anything `load_model` takes
                       len(val_texts), _digest(''.join(val_texts)).hex(), eval_seq_len], sort_keys=True)
     def compute():
         from layerprune.models import load_model
-        from layerprune.prune import drop_layers, select_layers, mean_nll
+        from layerprune.prune import drop_layers, select_layers
+        from layerprune.loss import lm_loss
+        mean_nll = lambda m, t, x, s, b: lm_loss(m, t, x, s, b, padding_side='right')['nats']
         model, tok = load_model(model_name, device='cpu' if not torch.cuda.is_available() else None)
         L = decoder(model).num_layers
         layers = select_layers(model, n, strategy, tok, train_texts[:64], seed=config.seed, distances=distances) if n else []
