@@ -324,7 +324,7 @@ def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
         print(f'heal {cfg.method}: step {done}/{cfg.steps} loss {r.log["loss"][-1]:.4f} lr {r.log["lr"][-1]:.2e} '
               f'{r.tokens / max(el, 1e-9):.0f} tok/s', file=sys.stderr, flush=True)
 
-# %% ../../nbs/05c_heal_train.ipynb #accd8c64
+# %% ../../nbs/05c_heal_train.ipynb #3366090b
 def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback) -> PeakMemory:
     "Steps `start..steps-1` with the teacher hooks (if distilling) installed; return the memory meter."
     hooks = contextlib.ExitStack()
@@ -348,7 +348,7 @@ def _save_result(healed, tok, log:dict, out_dir:Path, work:Path, overwrite:bool)
         atomic_write_json(tmp/'heal_log.json', log)
     shutil.rmtree(work, ignore_errors=True)
 
-# %% ../../nbs/05c_heal_train.ipynb #3366090b
+# %% ../../nbs/05c_heal_train.ipynb #3ad68d7d
 def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it in place
          tok, # its tokenizer
          config:HealConfig, # what to do (see `HealConfig`)
