@@ -15,8 +15,8 @@ from .hooks import layer_hooks, identity_layers
 from .loss import lm_loss, token_losses
 
 # %% auto #0
-__all__ = ['METRICS', 'STRATEGIES', 'NEEDS_TEXT', 'DEFAULT_PROMPT', 'drop_layers', 'skip_layers', 'layer_scores', 'lowest',
-           'select_layers', 'reference_logits', 'reload_logits', 'verify_pruned', 'num_params', 'save_pruned',
+__all__ = ['METRICS', 'STRATEGIES', 'NEEDS_TEXT', 'DEFAULT_PROMPT', 'TOLERANCE', 'drop_layers', 'skip_layers', 'layer_scores',
+           'lowest', 'select_layers', 'reference_logits', 'reload_logits', 'verify_pruned', 'num_params', 'save_pruned',
            'mergekit_yaml', 'add_cli']
 
 # %% ../nbs/03_prune.ipynb #8f48630d
@@ -116,11 +116,25 @@ def _lm_batches(model, tokenizer, texts, seq_len, batch_size):
     for b in batches(texts, tokenizer, seq_len, batch_size, padding_side='right'):
         yield {k: v.to(dev) for k, v in b.items()}
 
-# %% ../nbs/03_prune.ipynb #9e3e60df
+# %% ../nbs/03_prune.ipynb #ae4c7be3
 def _magnitude(model, p, **_):
     return [sum(float(w.detach().float().norm(p=p)) for w in layer.parameters() if w.dim() > 1) for layer in decoder(model).layers]
 
-def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, **_):
+@contextlib.contextmanager
+def _grad_checkpointing(model):
+    "Recompute each decoder layer's activations in the backward pass, with every dropout still off."
+    if not getattr(model, 'supports_gradient_checkpointing', False): yield; return
+    modes = {m: m.training for m in model.modules()}
+    was_on = getattr(model, 'is_gradient_checkpointing', False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    for m in model.modules(): m.training = False
+    for layer in decoder(model).layers: layer.training = True   # transformers checkpoints a layer only in training mode
+    try: yield
+    finally:
+        if not was_on: model.gradient_checkpointing_disable()
+        for m, t in modes.items(): m.training = t
+
+def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, checkpointing=False, **_):
     layers = decoder(model).layers
     params = [list(l.parameters()) for l in layers]
     req = {p: p.requires_grad for p in model.parameters()}
@@ -130,12 +144,12 @@ def _taylor(model, tokenizer, texts, seq_len=128, batch_size=8, **_):
     was_training = model.training; model.eval()
     try:
         tot = 0
-        with torch.enable_grad():
-            for b in _lm_batches(model, tokenizer, texts, seq_len, batch_size):
+        with torch.enable_grad(), (_grad_checkpointing(model) if checkpointing else contextlib.nullcontext()):
+            for b in _lm_batches(model, tokenizer, texts, seq_len, batch_size):   # batch_size is the micro-batch
                 losses, _ = token_losses(model, b); losses.sum().backward(); tot += losses.numel()
         if tot == 0: raise LayerpruneError('no next-token targets in the calibration texts')
         # first-order Taylor importance of each weight, |dL/dW * W| with L the mean token loss, summed per layer
-        return [sum(float((p.grad / tot * p.detach()).abs().sum()) for p in ps if p.grad is not None) for ps in params]
+        return [sum(float((p.grad.float() / tot * p.detach().float()).abs().sum()) for p in ps if p.grad is not None) for ps in params]
     finally:
         for p, r in req.items(): p.requires_grad_(r); p.grad = None
         model.train(was_training)
@@ -197,7 +211,7 @@ def _similarity(model, n, tokenizer, texts, seq_len=128, batch_size=8, distances
 STRATEGIES = {'similarity': _similarity, 'deepest': _block_deepest, 'reverse': _block_reverse, 'random': _random, **METRICS}
 NEEDS_TEXT = ('similarity', 'taylor', 'ppl', 'bi')  # magnitude needs only the weights
 
-# %% ../nbs/03_prune.ipynb #ae1a6b6f
+# %% ../nbs/03_prune.ipynb #8f11b9c7
 def _check_strategy(strategy, tokenizer, texts):
     if strategy not in STRATEGIES:
         raise LayerpruneError(f'unknown strategy {strategy!r}; known: {", ".join(STRATEGIES)}')
@@ -211,12 +225,14 @@ def layer_scores(model, # a causal LM
                  seq_len:int=128, # tokens per document
                  batch_size:int=8, # documents per forward pass
                  progress:bool=False, # report progress on stderr
+                 checkpointing:bool=False, # taylor: recompute activations in the backward pass (large models)
                 ) -> list[float]:
     "Importance of every layer under a metric strategy (higher = more important; the lowest are removed)."
     if strategy not in METRICS:
         raise LayerpruneError(f'{strategy!r} is not a metric strategy; metric strategies: {", ".join(METRICS)}')
     _check_strategy(strategy, tokenizer, texts)
-    return METRICS[strategy](model=model, tokenizer=tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    return METRICS[strategy](model=model, tokenizer=tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size,
+                             progress=progress, checkpointing=checkpointing)
 
 def lowest(scores:list[float], n:int) -> list[int]:
     "Sorted indices of the `n` lowest scores (ties: the deeper layer first)."
@@ -270,44 +286,51 @@ def _removed_relative_to(model, reference) -> list[int]:
     if not set(theirs) <= mine: raise LayerpruneError('the reference model lacks layers the pruned model still has')
     return [j for j, i in enumerate(kept_ref) if i in mine]
 
-# %% ../nbs/03_prune.ipynb #a3e0b90c
+# %% ../nbs/03_prune.ipynb #13c66150
 _RELOAD = r'''
 import sys, torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-path, ids_file, out_file, attn = sys.argv[1:5]
-m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+path, ids_file, out_file, attn, dtype = sys.argv[1:6]
+m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
 assert 'layerprune' not in sys.modules
-with torch.inference_mode(): torch.save(m(torch.load(ids_file), use_cache=False).logits.float(), out_file)
+with torch.inference_mode(): save_file({'logits': m(load_file(ids_file)['ids'], use_cache=False).logits.float().contiguous()}, out_file)
 '''
 
 def reload_logits(path, # a `save_pretrained` folder
                   ids:torch.Tensor, # input ids [B, T]
                   subprocess_:bool=True, # load in a fresh Python process that never imports layerprune
                   attn_implementation:str|None=None, # e.g. 'eager' (default: transformers' choice)
+                  dtype=torch.float32, # dtype to load the weights in (the dtype they were saved in)
                  ) -> torch.Tensor:
     "Logits of the model saved at `path`, loaded with plain `AutoModelForCausalLM.from_pretrained`."
     from transformers import AutoModelForCausalLM
-    ids = ids.cpu()
+    from safetensors.torch import load_file, save_file
+    ids = ids.cpu().contiguous()
     if not subprocess_:
         kw = {'attn_implementation': attn_implementation} if attn_implementation else {}
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
         with torch.inference_mode(): return m(ids, use_cache=False).logits.float()
     with tempfile.TemporaryDirectory() as d:
-        torch.save(ids, f'{d}/ids.pt')
+        save_file({'ids': ids}, f'{d}/ids.safetensors')
         env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
         env.update(HF_HUB_OFFLINE='1', CUDA_VISIBLE_DEVICES=os.environ.get('CUDA_VISIBLE_DEVICES', ''))
-        r = subprocess.run([sys.executable, '-c', _RELOAD, str(path), f'{d}/ids.pt', f'{d}/out.pt', attn_implementation or 'sdpa'],
-                           capture_output=True, text=True, env=env, cwd=d)
+        r = subprocess.run([sys.executable, '-c', _RELOAD, str(path), f'{d}/ids.safetensors', f'{d}/out.safetensors',
+                            attn_implementation or 'sdpa', str(dtype).replace('torch.', '')], capture_output=True, text=True, env=env, cwd=d)
         if r.returncode != 0: raise RuntimeError(f'reloading {path} with plain transformers failed:\n{r.stderr[-2000:]}')
-        return torch.load(f'{d}/out.pt')
+        return load_file(f'{d}/out.safetensors')['logits']
 
-# %% ../nbs/03_prune.ipynb #ae9ef430
+# %% ../nbs/03_prune.ipynb #2fda72e2
+# relative logit tolerance of the checks per dtype: cached decoding and a reload run other kernels in another
+# summation order, which moves logits by a few units of the dtype's precision (bf16: 8 bits of mantissa)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
 def verify_pruned(model, # a pruned causal LM
                   tok_or_ids, # a tokenizer (a fixed prompt is used) or input ids [T] / [B, T]
                   reference=None, # expected logits (from `reference_logits`), or an unpruned model, or None (skip)
                   max_new_tokens:int=8, # greedy tokens generated with and without the KV cache
                   reload:str|None='subprocess', # 'subprocess', 'inprocess' or None (skip the save/reload check)
-                  atol:float=1e-4, # tolerance on logits, times max(1, max |logit|)
+                  atol:float|None=None, # tolerance on logits, times max(1, max |logit|) (default: by dtype, see `TOLERANCE`)
                   strict:bool=True, # raise `LayerpruneError` if a check fails
                  ) -> dict:
     "Check a pruned model: cached decoding == full forward, logits == reference, plain reload == same logits."
@@ -338,9 +361,10 @@ def verify_pruned(model, # a pruned causal LM
     if reload:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            r = reload_logits(d, ids, subprocess_=(reload == 'subprocess'), attn_implementation=attn)
+            r = reload_logits(d, ids, subprocess_=(reload == 'subprocess'), attn_implementation=attn, dtype=model.dtype)
         res['reload_max_abs_diff'] = float((logits - r).abs().max())
-    tol = atol * max(1.0, float(logits.abs().max()))  # relative to the logits' scale (fp32 kernels differ in summation order)
+    atol = TOLERANCE.get(model.dtype, 1e-4) if atol is None else atol
+    tol = atol * max(1.0, float(logits.abs().max()))  # relative to the logits' scale (kernels differ in summation order)
     fails = [k for k in ('cache_max_abs_diff', 'reference_max_abs_diff', 'reload_max_abs_diff') if res.get(k, 0) > tol]
     if not res['generation_cache_equal']: fails.insert(0, 'generation_cache_equal')
     res['ok'] = not fails
