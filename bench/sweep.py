@@ -28,9 +28,8 @@ import layerprune.sweep as S
 from layerprune.models import load_model, decoder
 from layerprune.data import load_texts
 from layerprune.prune import skip_layers, select_layers
-from layerprune.evaluate import evaluate_tasks, output_vocab_size
-try: from layerprune.loss import lm_loss
-except ImportError: from layerprune.evaluate import lm_loss
+from layerprune.evaluate import evaluate_tasks
+from layerprune.loss import lm_loss, output_vocab_size
 
 def load(): return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 

@@ -8,11 +8,9 @@ import math, functools
 import torch
 import torch.nn.functional as F
 from .utils import LayerpruneError
-from .models import decoder
+from .models import decoder, model_device
 from .data import batches
-from .evaluate import output_vocab_size
-
-def _device(model): return next(model.parameters()).device
+from .loss import output_vocab_size, head_logits, _summary, _packed_batches
 
 # %% auto #0
 __all__ = ['check_variants', 'Node', 'build_trie', 'plan_cost', 'capture_calls', 'run_variants', 'sweep_loss',
@@ -74,12 +72,6 @@ def _tail(dec, h):
     if dec.norm is not None: h = dec.norm(h)
     po = getattr(dec.owner, 'project_out', None)
     return po(h) if po is not None else h
-
-def _logits(model, h):
-    "Logits (fp32) of final hidden states `h` [N, H] (with final-logit soft-capping where the model uses it)."
-    logits = decoder(model).lm_head(h).float()
-    cap = getattr(model.config, 'final_logit_softcapping', None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 def capture_calls(model, # a causal LM
                   inputs:dict, # keyword arguments of the backbone's forward (input_ids, attention_mask, ...)
@@ -146,25 +138,16 @@ def run_variants(model, # a causal LM in eval mode
     note(0); walk(root, h)
 
 # %% ../nbs/03b_sweep.ipynb #77fa1a43
-def _summary(doc_sum, doc_n, V:int, seq_len:int) -> dict:
-    "The `lm_loss` result from per-document loss sums and token counts."
-    w = torch.tensor(doc_n, dtype=torch.float64); s = torch.tensor(doc_sum, dtype=torch.float64)
-    used = w > 0; w, s = w[used], s[used]
-    tokens, nats = int(w.sum()), float(s.sum() / w.sum())
-    n = len(w)
-    se = float(torch.sqrt(n / (n - 1) * ((s - w * nats) ** 2).sum()) / w.sum()) if n > 1 else float('nan')
-    lnv = math.log(V)
-    return dict(nats=nats, normalized=nats / lnv, tokens=tokens, documents=n, stderr=se, stderr_normalized=se / lnv,
-                perplexity=math.exp(nats), vocab_size=V, seq_len=seq_len)
-
 def sweep_loss(model, # a causal LM (any architecture `layerprune.models.decoder` supports); left unchanged
                tokenizer, # its tokenizer (with a pad token)
                texts:list[str], # held-out documents, one sample each
                variants, # list of variants, each a set/list of 0-based layer indices to remove (empty: the unpruned model)
-               seq_len:int=512, # truncate each document to this many tokens
-               batch_size:int=8, # documents per forward pass (bounds the memory: only this batch's states exist)
+               seq_len:int=512, # tokens per document (truncated), or per block when packed
+               batch_size:int=8, # rows per forward pass (bounds the memory: only this batch's states exist)
                padding_side:str|None=None, # 'left'/'right' (default: the tokenizer's)
                logit_chunk:int=2**24, # at most this many logits exist at once
+               packed:bool=False, # as in `lm_loss`: EOS-separated documents in full `seq_len` blocks
+               max_blocks:int|None=None, # packed: use at most this many blocks
                stats:dict|None=None, # filled with the plan's cost and the held states (see `run_variants`)
               ) -> list[dict]:
     "`lm_loss` of every variant (one dict per entry of `variants`, same order), with each distinct layer prefix computed once per batch."
@@ -174,12 +157,14 @@ def sweep_loss(model, # a causal LM (any architecture `layerprune.models.decoder
     vs = check_variants(variants, decoder(model).num_layers)
     root = build_trie(vs, decoder(model).num_layers)
     if stats is not None: stats.update(plan_cost(root), variants=len(vs), distinct=len(set(vs)))
-    V = output_vocab_size(model); step = max(1, logit_chunk // V)
+    step = max(1, logit_chunk // output_vocab_size(model))
+    it = (_packed_batches(list(texts), tokenizer, seq_len, batch_size, max_blocks) if packed
+          else batches(list(texts), tokenizer, seq_len, batch_size, padding_side))
     sums, counts = {v: [] for v in vs}, []
     was_training = model.training; model.eval()
     try:
-        for bi, b in enumerate(batches(list(texts), tokenizer, seq_len, batch_size, padding_side)):
-            b = {k: t.to(_device(model)) for k, t in b.items()}
+        for bi, b in enumerate(it):
+            b = {k: t.to(model_device(model)) for k, t in b.items()}
             ids, mask = b['input_ids'], b['attention_mask']
             keep = mask[:, :-1].bool() & mask[:, 1:].bool()  # position t predicts token t+1
             rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(keep)[keep].cpu()
@@ -188,13 +173,12 @@ def sweep_loss(model, # a causal LM (any architecture `layerprune.models.decoder
             counts += torch.bincount(rows, minlength=n).tolist()
             def leaf(v, h):
                 hs = _tail(decoder(model), h[:, :-1][keep])
-                losses = torch.cat([F.cross_entropy(_logits(model, hs[i:i+step]), targets[i:i+step], reduction='none')
+                losses = torch.cat([F.cross_entropy(head_logits(model, hs[i:i+step]), targets[i:i+step], reduction='none')
                                     for i in range(0, hs.shape[0], step)] or [torch.zeros(0, device=hs.device)])
                 sums[v] += torch.zeros(n, dtype=torch.float64).index_add_(0, rows, losses.double().cpu()).tolist()
             run_variants(model, root, b, leaf, check_tail=bi == 0, stats=stats)
     finally: model.train(was_training)
-    if not any(counts): raise LayerpruneError(f'no predicted tokens: every document has fewer than 2 tokens (seq_len={seq_len})')
-    res = {v: _summary(sums[v], counts, V, seq_len) for v in set(vs)}
+    res = {v: _summary(sums[v], counts, model, seq_len) for v in set(vs)}
     return [dict(res[v], layers=list(v)) for v in vs]
 
 # %% ../nbs/03b_sweep.ipynb #e708655d
@@ -221,7 +205,7 @@ def sweep_loglikelihoods(model, # a causal LM; left unchanged
     vs = check_variants(variants, decoder(model).num_layers)
     root = build_trie(vs, decoder(model).num_layers)
     out = {v: [None] * len(requests) for v in vs}
-    step = max(1, logit_chunk // output_vocab_size(model)); dev = _device(model)
+    step = max(1, logit_chunk // output_vocab_size(model)); dev = model_device(model)
     for bi, (idx, ids, lens) in enumerate(_cont_batches([(list(c), list(x)) for c, x in requests], batch_size, max_length)):
         conts = [list(requests[i][1]) for i in idx]
         rows = torch.cat([torch.full((len(c),), r) for r, c in enumerate(conts)])
@@ -229,7 +213,7 @@ def sweep_loglikelihoods(model, # a causal LM; left unchanged
         tgt = torch.tensor([t for c in conts for t in c], device=dev)
         def leaf(v, h):
             hs = _tail(decoder(model), h[rows.to(dev), cols.to(dev)])
-            lp = torch.cat([F.log_softmax(_logits(model, hs[i:i+step]), -1) for i in range(0, hs.shape[0], step)])
+            lp = torch.cat([F.log_softmax(head_logits(model, hs[i:i+step]), -1) for i in range(0, hs.shape[0], step)])
             ll = lp.gather(1, tgt[:, None])[:, 0].cpu(); greedy = (lp.argmax(-1) == tgt).cpu()
             p = 0
             for i, c in zip(idx, conts):

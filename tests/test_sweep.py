@@ -6,8 +6,7 @@ from layerprune.data import load_texts
 from layerprune.prune import skip_layers, drop_layers
 from layerprune.utils import LayerpruneError
 from layerprune import sweep as S
-try: from layerprune.loss import lm_loss
-except ImportError: from layerprune.evaluate import lm_loss
+from layerprune.loss import lm_loss
 
 VARIANTS = [[], [4, 5], [5], [1], [1, 4], [2, 3], [0, 1, 2, 3, 4]]   # L = 6: unpruned, reverse, branch + shared suffix, all but one
 
