@@ -89,7 +89,10 @@ def main():
     p.add_argument('--strategies', default='similarity,deepest,reverse')
     p.add_argument('--calib-samples', type=int, default=32, help="similarity: distance documents (wiki train split)")
     p.add_argument('--task', default='arc_easy'); p.add_argument('--limit', type=int, default=50)
-    p.add_argument('--no-lm-eval', action='store_true')
+    p.add_argument('--no-lm-eval', action='store_true'); p.add_argument('--no-loss', action='store_true')
+    p.add_argument('--per-variant-sample', type=int, default=None,
+                   help='lm-eval: time the per-variant way on only K of the distinct variants (chosen evenly from the list '
+                        'sorted by kept layers) and scale its time by (distinct / K); equality is checked on those K')
     p.add_argument('--smoke', action='store_true', help='tiny:llama with the tiniest sizes (seconds)')
     p.add_argument('--device', default=None); p.add_argument('--json', default=None)
     a = p.parse_args()
@@ -114,7 +117,7 @@ def main():
     lm_loss(model, tok, texts[:1], 16, 1); S.sweep_loss(model, tok, texts[:1], distinct, 16, 1)  # warm-up
 
     # loss: chunks of one batch, ABBA order
-    chunks = [texts[i:i + a.batch_size] for i in range(0, len(texts), a.batch_size)]
+    chunks = [] if a.no_loss else [texts[i:i + a.batch_size] for i in range(0, len(texts), a.batch_size)]
     t_sh = t_per = 0.0; diff = 0.0; read = tok_n = 0
     for i, ch in enumerate(chunks):
         def shared(): return S.sweep_loss(model, tok, ch, distinct, a.seq_len, a.batch_size)
@@ -135,40 +138,48 @@ def main():
     hd = getattr(model.config, 'head_dim', None) or H // heads
     c_head = 2 * H * V
     c_layer_of = lambda ctx: layer_flops(H, model.config.intermediate_size, heads, kvh, ctx, hd)
-    c_l = c_layer_of((tok_n / len(texts) + 1) / 2)
-    y_loss = ideal(distinct, L, c_l, c_head, read / tok_n, read / tok_n)
-    res = dict(model=a.model, L=L, machine=machine(), plan=plan, distinct=distinct, plan_cost=cost,
-               loss=dict(shared_s=t_sh, per_variant_s=t_per, ratio=t_sh / t_per, ideal=y_loss, max_rel_diff=diff,
-                         chunks=len(chunks), samples=a.samples, seq_len=a.seq_len))
-    print(f'loss: max relative difference shared vs per-variant = {diff:.2e} (over {len(distinct)} variants)')
-    print(f'shared-prefix / per-variant time ratio = {t_sh / t_per:.3f}  ({t_sh:.1f}s vs {t_per:.1f}s)')
-    print(f'ideal = {y_loss:.3f}')
+    res = dict(model=a.model, L=L, machine=machine(), plan=plan, distinct=distinct, plan_cost=cost)
+    if chunks:
+        c_l = c_layer_of((tok_n / len(texts) + 1) / 2)
+        y_loss = ideal(distinct, L, c_l, c_head, read / tok_n, read / tok_n)
+        res['loss'] = dict(shared_s=t_sh, per_variant_s=t_per, ratio=t_sh / t_per, ideal=y_loss, max_rel_diff=diff,
+                           chunks=len(chunks), samples=a.samples, seq_len=a.seq_len)
+        print(f'loss: max relative difference shared vs per-variant = {diff:.2e} (over {len(distinct)} variants)')
+        print(f'shared-prefix / per-variant time ratio = {t_sh / t_per:.3f}  ({t_sh:.1f}s vs {t_per:.1f}s)')
+        print(f'ideal = {y_loss:.3f}')
 
     read_cont = 1.0
     if not a.no_lm_eval:
         seen = []; orig = S.sweep_loglikelihoods
         def spy(m, reqs, *x, **k): seen.extend(reqs); return orig(m, reqs, *x, **k)
         S.sweep_loglikelihoods = spy
-        half = len(distinct) // 2; per_res = {}
+        K = len(distinct) if a.per_variant_sample is None else max(1, min(a.per_variant_sample, len(distinct)))
+        by_kept = sorted(distinct, key=len)
+        sample = [by_kept[int((i + 0.5) * len(distinct) / K)] for i in range(K)]
+        sample = sample[0::2] + sample[1::2]   # both halves span the range of kept layers
+        half = (K + 1) // 2; per_res = {}
         def per_run(vs):
             for v in vs:
                 with skip_layers(model, v): per_res[tuple(v)] = evaluate_tasks(model, tok, [a.task], limit=a.limit, batch_size=a.batch_size)
         print(f'  lm-eval: load {load()}', flush=True)
-        t1, _ = timed(lambda: per_run(distinct[:half]), dev); print(f'  lm-eval per-variant first half {t1:.1f}s; load {load()}', flush=True)
+        t1, _ = timed(lambda: per_run(sample[:half]), dev); print(f'  lm-eval per-variant first half {t1:.1f}s; load {load()}', flush=True)
         t2, sh = timed(lambda: S.evaluate_variants(model, tok, distinct, [a.task], limit=a.limit, batch_size=a.batch_size), dev)
         print(f'  lm-eval shared {t2:.1f}s; load {load()}', flush=True)
-        t3, _ = timed(lambda: per_run(distinct[half:]), dev); print(f'  lm-eval per-variant second half {t3:.1f}s; load {load()}', flush=True)
+        t3, _ = timed(lambda: per_run(sample[half:]), dev); print(f'  lm-eval per-variant second half {t3:.1f}s; load {load()}', flush=True)
         S.sweep_loglikelihoods = orig
-        same = sum(sh[i] == per_res[tuple(v)] for i, v in enumerate(distinct))
+        scale = len(distinct) / K; t_pv = (t1 + t3) * scale
+        same = sum(sh[i] == per_res[tuple(v)] for i, v in enumerate(distinct) if tuple(v) in per_res)
         cont = sum(len(x) for _, x in seen); tot = sum(min(len(c) + len(x) - 1, 2048) for c, x in seen)
         read_cont = cont / tot
         y_lm = ideal(distinct, L, c_layer_of((tot / len(seen) + 1) / 2), c_head, read_cont, 1.0)
-        accs = [(sh[i][a.task]['acc'], per_res[tuple(v)][a.task]['acc']) for i, v in enumerate(distinct)]
-        res['lm_eval'] = dict(task=a.task, limit=a.limit, shared_s=t2, per_variant_s=t1 + t3, ratio=t2 / (t1 + t3), ideal=y_lm,
-                              identical=same, variants=len(distinct), continuation_fraction=read_cont, accs=accs)
-        print(f'lm-eval: results identical for {same} of {len(distinct)} variants (acc, acc_norm, stderr); '
+        accs = [(v, sh[i][a.task]['acc'], per_res[tuple(v)][a.task]['acc'] if tuple(v) in per_res else None) for i, v in enumerate(distinct)]
+        res['lm_eval'] = dict(task=a.task, limit=a.limit, shared_s=t2, per_variant_s=t_pv, ratio=t2 / t_pv, ideal=y_lm,
+                              identical=same, compared=K, variants=len(distinct), per_variant_measured=[list(v) for v in sample],
+                              per_variant_measured_s=t1 + t3, continuation_fraction=read_cont, accs=accs)
+        est = '' if K == len(distinct) else f'; per-variant time measured on {K} of {len(distinct)} variants, x{scale:.2f}'
+        print(f'lm-eval: results identical for {same} of {K} variants compared (acc, acc_norm, stderr); '
               f'continuation tokens = {read_cont:.3f} of the positions')
-        print(f'lm-eval shared-prefix / per-variant time ratio = {t2 / (t1 + t3):.3f}  ({t2:.1f}s vs {t1 + t3:.1f}s)')
+        print(f'lm-eval shared-prefix / per-variant time ratio = {t2 / t_pv:.3f}  ({t2:.1f}s vs {t_pv:.1f}s{est})')
         print(f'lm-eval ideal = {y_lm:.3f}')
     res['llama2_70b_ideal'] = llama70b_ideals(read_cont)
     for k, v in res['llama2_70b_ideal'].items(): print(f'Llama-2-70B ideal, {k} = {v:.3f}')
