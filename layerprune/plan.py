@@ -222,7 +222,7 @@ def task_tokens(task:str, shots:int=0, limit:int|None=None) -> tuple[float, int]
 def stage_loss(a:Arch, mode:str, layers:list[int], samples:int, T:int, B:int, b:float=2, name='loss') -> Stage:
     "`lm_loss` on `samples` documents for each kept-layer count in `layers`."
     parts = dict(weights=weight_bytes(a, mode, rest_bytes=b), activations=infer_act_bytes(a, B, T, b),
-                 hidden=B * T * a.d * b, logits=LOGIT_CHUNK * (b + 8))
+                 hidden=B * T * a.d * b, logits=min(LOGIT_CHUNK, B * T * a.V) * (b + 8))
     return Stage(name, mode, parts, sum(samples * T * fwd_flops(a, k, T) for k in layers))
 
 def stage_eval(a:Arch, mode:str, runs:list, B:int, b:float=2) -> Stage:
