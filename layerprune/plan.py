@@ -147,8 +147,8 @@ def train_layer_act_bytes(a:Arch, B:int, T:int, b:float=2, lora_inputs:int=0) ->
     return B * T * (b * (elems + lora_inputs) + lora_inputs)
 
 def logits_bytes(B:int, T:int, V:int, b:float=2, upcast:bool=True) -> float:
-    "Logits in the model dtype, plus the fp32 copy and log-softmax the loss computes."
-    return B * T * V * (b + (8 if upcast else b))
+    "Logits in the model dtype, plus the fp32 copy (none when already fp32) and the log-softmax the loss computes."
+    return B * T * V * (b + ((4 if b < 4 else 0) + 4 if upcast else b))
 
 # %% ../nbs/06a_plan.ipynb #ad3a4e65
 @dataclass
@@ -221,8 +221,8 @@ def task_tokens(task:str, shots:int=0, limit:int|None=None) -> tuple[float, int]
 
 def stage_loss(a:Arch, mode:str, layers:list[int], samples:int, T:int, B:int, b:float=2, name='loss') -> Stage:
     "`lm_loss` on `samples` documents for each kept-layer count in `layers`."
-    parts = dict(weights=weight_bytes(a, mode, rest_bytes=b), activations=infer_act_bytes(a, B, T, b),
-                 hidden=B * T * a.d * b, logits=min(LOGIT_CHUNK, B * T * a.V) * (b + 8))
+    head = B * T * a.d * b + logits_bytes(1, 1, min(LOGIT_CHUNK, B * T * a.V), b)   # after the layers' transients are freed
+    parts = dict(weights=weight_bytes(a, mode, rest_bytes=b), activations=max(infer_act_bytes(a, B, T, b), head))
     return Stage(name, mode, parts, sum(samples * T * fwd_flops(a, k, T) for k in layers))
 
 def stage_eval(a:Arch, mode:str, runs:list, B:int, b:float=2) -> Stage:
@@ -307,7 +307,8 @@ def _heal_runs(a, p, mode, seen, gpu, b, points, method, opt_bytes, target='ffn'
         st.append(_dist(a, p, mode, seen, gpu, b, 'distance_samples', 'distance_seq_len'))
     ev, T, lm = p['val_docs'], p['eval_seq_len'], 'nf4' if method == 'qlora' else 'bf16'
     base = stage_loss(a, lm, [a.L], ev, T, 8, 2, 'unpruned loss')
-    base.parts['logits'] = logits_bytes(8, T, a.V); st.append(base)
+    base.parts['activations'] = max(base.parts['activations'], logits_bytes(8, T, a.V) + 8 * T * a.d * 2)   # mean_nll: full logits
+    st.append(base)
     for n, rank, k, m in points:
         st.append(stage_heal(a, m, a.L - n, p['steps'], p['batch_size'], p['seq_len'], rank=rank, target=target,
                              last_k=k, opt_bytes=opt_bytes))

@@ -1,5 +1,5 @@
 "Issue 10, item 6: the planner's estimates checked against measured memory on CPU, and the `plan` / `run` commands."
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from conftest import run_cli, ROOT
@@ -29,12 +29,13 @@ def test_weights_of_smollm2_are_exact_bytes(smollm2):
 def test_estimates_match_measured_peaks_on_cpu():
     """Peak RSS above the loaded process (sampled every 0.5 ms in a fresh process) of building a model, one distance pass
     and one `lm_loss` pass, against the planner's estimate of the same stage (fp32). Tolerance: the measurement is
-    within 0.7x-1.4x of the estimate (the estimate counts the large tensors; the allocator and small temporaries add
-    ~10-20% on CPU, which the plan's fragmentation margin covers)."""
+    within 0.85x-1.2x of the estimate (measured here: weights 1.02, distances 1.04, loss 1.03; the estimate counts
+    the large tensors, small temporaries and allocator slack are what is left)."""
     from layerprune.plan import arch_from_config, infer_act_bytes, stage_loss, weight_bytes
-    B, T = 8, 512
-    r = subprocess.run([sys.executable, str(ROOT/'tests'/'_plan_measure.py'), 'all', str(B), str(T)],
-                       capture_output=True, text=True, cwd=ROOT)
+    B, T = 4, 512
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')   # RSS follows live tensors
+    r = subprocess.run([sys.executable, str(ROOT/'tests'/'_plan_measure.py'), str(B), str(T)],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads([l for l in r.stdout.splitlines() if l.startswith('RESULT ')][-1][7:])
     a = arch_from_config(m['config'], 'wide-llama')
@@ -46,7 +47,7 @@ def test_estimates_match_measured_peaks_on_cpu():
     for k in est:
         ratio = meas[k] / est[k]
         print(f'{k}: measured {meas[k] / 1e6:.1f} MB, estimated {est[k] / 1e6:.1f} MB, ratio {ratio:.2f}')
-        assert 0.7 <= ratio <= 1.4, (k, ratio)
+        assert 0.85 <= ratio <= 1.2, (k, ratio)
 
 
 def test_paper_facts_are_the_papers_table():
