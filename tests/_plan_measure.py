@@ -14,7 +14,7 @@ def wide_model(attn):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn).eval()
 
-def main(B, T, reps=2):
+def main(B, T, reps=1):
     torch.set_num_threads(1)
     from layerprune.models import tiny_tokenizer
     from layerprune.distance import angular_distances

@@ -8,8 +8,7 @@ from conftest import run_cli, ROOT
 def test_param_counts_are_exact_for_every_family():
     from layerprune.plan import arch_from_config
     from layerprune.models import tiny_model
-    for arch, tie in [('llama', False), ('mistral', False), ('qwen2', False), ('qwen3', True), ('gemma2', True),
-                      ('gemma3', True), ('phi', True), ('phi', False)]:   # (all 14 combinations: nbs/06a_plan.ipynb)
+    for arch, tie in [('llama', False), ('qwen2', False), ('gemma3', True), ('phi', True)]:   # all 14: nbs/06a_plan.ipynb
         m = tiny_model(arch, tie=tie)
         assert arch_from_config(m.config.to_dict(), arch).params() == sum(p.numel() for p in m.parameters()), (arch, tie)
 
