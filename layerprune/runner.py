@@ -90,7 +90,7 @@ def plan(spec:dict, # from `load_runs`
     if not jobs: raise LayerpruneError(f'nothing to run for profile {profile!r}' + (f' and model {model!r}' if model else ''))
     return jobs
 
-# %% ../nbs/06_runner.ipynb #edbda3cc
+# %% ../nbs/06_runner.ipynb #c27a8629
 def check_models(jobs:list[Job]):
     "Check that every job's `model` parameter names something `load_model` can take (hub ids by form only)."
     from layerprune.models import EMBEDDED, _looks_like_hub_id, ARCHS
@@ -107,13 +107,24 @@ def execute(job:Job, # what to run
             root:str|Path='.', # working directory of the notebook
             timeout:int|None=None, # per-cell timeout in seconds
             kernel:str='python3',
+            quiet:bool=False, # no progress: neither papermill's cell bar nor the notebook's progress lines
            ) -> Path:
-    "Execute one job with papermill; return the executed notebook's path."
-    import papermill as pm
+    "Execute one job with papermill, streaming the notebook's progress lines; return the executed notebook's path."
+    import papermill as pm, sys
     job.output.parent.mkdir(parents=True, exist_ok=True)
     params = dict(job.params, out_dir=str(out_dir), cache_dir=str(cache_dir))
-    pm.execute_notebook(str(job.notebook), str(job.output), parameters=params, kernel_name=kernel,
-                        cwd=str(root), execution_timeout=timeout, log_output=False, progress_bar=False)
+    # the kernel inherits this environment: its progress() prints plain lines, which papermill streams to our stderr
+    env = dict(LAYERPRUNE_PROGRESS='lines', LAYERPRUNE_QUIET='1' if quiet else '')
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        pm.execute_notebook(str(job.notebook), str(job.output), parameters=params, kernel_name=kernel, cwd=str(root),
+                            execution_timeout=timeout, progress_bar=not quiet and sys.stderr.isatty(),
+                            log_output=not quiet, stdout_file=None if quiet else sys.stdout, stderr_file=None if quiet else sys.stderr)
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     return job.output
 
 # %% ../nbs/06_runner.ipynb #eaff35dc
