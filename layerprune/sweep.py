@@ -261,6 +261,7 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
                       offline:bool|None=None, fewshot_sampler:str|None=None, # as in `layerprune.evaluate.evaluate_tasks`
                      ) -> list[dict]:
     "`evaluate_tasks` for every variant (one `{task: result}` per entry of `variants`), each request's shared prefix computed once."
+    # mirrors `evaluate_tasks` step by step (checks, task files, seeds, summaries) with the model replaced by a `SweepLM`
     import logging, tempfile, lm_eval
     from lm_eval.tasks import TaskManager
     from layerprune import evaluate as E
@@ -272,14 +273,14 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
     if any(v is not None and (not isinstance(v, int) or v < 0) for v in fs.values()):
         raise LayerpruneError(f'num_fewshot must be an integer >= 0, got {num_fewshot!r}')
     offline = (not E.hub_available()) if offline is None else offline
-    if fewshot_sampler is not None and not offline: raise LayerpruneError('fewshot_sampler applies to the offline task files only')
+    if fewshot_sampler not in (None, 'random'): raise LayerpruneError(f"fewshot_sampler must be None or 'random', got {fewshot_sampler!r}")
     results, tmp = {v: {} for v in vs}, None
     lm = sweep_lm_class()(pretrained=model, tokenizer=tokenizer, variants=vs, batch_size=batch_size)
     log = logging.getLogger('lm_eval'); lvl = log.level
     try:
         if offline:
             tmp = tempfile.TemporaryDirectory(prefix='layerprune-tasks-')
-            tm = TaskManager(include_path=str(E.write_offline_tasks(tmp.name, fewshot_sampler=fewshot_sampler)), include_defaults=False)
+            tm = TaskManager(include_path=str(E.write_offline_tasks(tmp.name)), include_defaults=False)
         else: tm = TaskManager()
         log.setLevel(logging.ERROR)
         for t in tasks:
@@ -287,7 +288,8 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
             for v in dict.fromkeys(vs):
                 if offline and t in E.HUB_ONLY_TASKS: results[v][t] = dict(status='unavailable', reason=E.HUB_ONLY_TASKS[t]); continue
                 lm.select(v)
-                out = lm_eval.simple_evaluate(model=lm, tasks=[t], task_manager=tm, limit=limit, num_fewshot=fs.get(t),
+                spec = E.random_fewshot_tasks(tm, t) if fewshot_sampler == 'random' else [t]
+                out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=fs.get(t),
                                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                               fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
                 results[v][t] = E._summarise(t, out, offline, fs.get(t), limit)

@@ -123,6 +123,10 @@ def test_lm_eval_equals_per_variant():
     assert res[1] == res[3]
     for v, r in zip(vs, res):
         with skip_layers(m, v): assert r == evaluate_tasks(m, tok, ['arc_easy'], limit=5), v
+    kw = dict(limit=2, num_fewshot=1, fewshot_sampler='random', seed=1)   # few-shot prompts (Fig. 7's seeded draw)
+    res = S.evaluate_variants(m, tok, [[], [2, 3]], ['arc_easy'], **kw)
+    for v, r in zip([[], [2, 3]], res):
+        with skip_layers(m, v): assert r == evaluate_tasks(m, tok, ['arc_easy'], **kw), v
     assert S.sweep_lm_class() is S.sweep_lm_class()
     from lm_eval.api.registry import get_model
     assert get_model('layerprune_sweep') is S.sweep_lm_class()
