@@ -43,6 +43,9 @@ def load_runs(path) -> dict:
             if prof in ('notebook', 'figure'): continue
             if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets):
                 raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings')
+    d = spec.get('defaults', {})   # per-profile settings for the runner and planner (gpu, dtype), not notebook parameters
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise LayerpruneError(f"{path}: 'defaults:' must map profile names to mappings (e.g. paper: {{gpu: A100-80GB}})")
     return spec
 
 # %% ../nbs/06_runner.ipynb #719bba34
@@ -135,6 +138,7 @@ def add_cli(sub):
     p.add_argument('--out-dir', default='figures'); p.add_argument('--cache-dir', default='runs/cache')
     p.add_argument('--runs-dir', default='runs', help='where executed notebooks go')
     p.add_argument('--timeout', type=int, default=None, help='per-cell timeout (s)')
+    p.add_argument('--gpu', default=None, help="paper profile: the GPU the plan is checked against (default: the profile's defaults, else A100-80GB)")
     p.set_defaults(func=_cli_run)
 
 def _cli_run(args):
@@ -143,6 +147,10 @@ def _cli_run(args):
     only = [s.strip() for s in args.only.split(',') if s.strip()] or None
     jobs = plan(spec, args.profile, only, args.model, root=root, runs_dir=root/args.runs_dir)
     check_models(jobs)
+    if args.profile == 'paper':   # refuse before any work if a job cannot fit the GPU (see `layerprune plan`)
+        from layerprune.plan import check_plan, not_fitting
+        msg = not_fitting(check_plan(spec, jobs, args.profile, args.gpu))
+        if msg: raise LayerpruneError(f'refusing to run: {msg}')
     for i, j in enumerate(jobs, 1): print(f'[{i}/{len(jobs)}] {j}')
     if args.prepare_only:
         print(f'{len(jobs)} run(s) of profile {args.profile!r} validated; nothing executed (--prepare-only)')
