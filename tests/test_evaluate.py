@@ -117,7 +117,7 @@ def test_paper_notebooks_execute_with_papermill(run_paper):
     r, tmp_path = run_paper(params)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     import csv
     rows = list(csv.DictReader(open(tmp_path/'figures'/'lu_table_tiny_llama.csv')))
     assert [r['strategy'] for r in rows] == ['none', 'reverse', 'bi']

@@ -91,7 +91,7 @@ def test_distance_notebooks_execute_with_papermill(run_paper):
     r, tmp_path = run_paper({'fig1c': small, 'fig4': small})
     assert r.returncode == 0, r.stderr + r.stdout
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig1c', 'fig4') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig1c', 'fig4') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     j = json.loads((tmp_path/'figures'/'fig1c_tiny_llama.json').read_text())
     assert j['num_layers'] == 6 and len(j['best_start']) == 6
     assert len(list((tmp_path/'runs'/'cache').glob('distances/*.json'))) == 1   # computed once, shared by both figures

@@ -319,7 +319,7 @@ def test_heal_paper_notebooks_execute_with_papermill(run_paper):
     r, tmp_path = run_paper(params)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('heal_curves', 'heal_rank', 'lu_finetune') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('heal_curves', 'heal_rank', 'lu_finetune') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     rows = (tmp_path/'figures'/'lu_finetune_tiny_llama.csv').read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith('qlora,')
     assert len(list((tmp_path/'runs'/'cache').glob('healed/*.json'))) >= 5  # one JSON per (pruned, healed) point

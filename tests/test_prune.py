@@ -242,7 +242,7 @@ def test_unhealed_loss_notebook_executes(run_paper):
     r, tmp_path = run_paper({'unhealed_loss': small})
     assert r.returncode == 0, r.stderr + r.stdout
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'unhealed_loss_tiny_qwen2.{e}' for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'unhealed_loss_tiny_qwen2.{e}' for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     import csv
     rows = list(csv.DictReader(open(tmp_path/'figures'/'unhealed_loss_tiny_qwen2.csv')))
     assert len(rows) == 9 * 2 and {r['strategy'] for r in rows} == set(STRATEGIES)
