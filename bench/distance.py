@@ -19,6 +19,7 @@ The load average is printed before and after: on a shared machine, ratios carry 
 than the forward it contains is noise, not a speed-up).
 
   python bench/distance.py [--model smollm2-135m] [--samples 16] [--seq-len 128] [--batch-size 8] [--per-n 4] [--json OUT]
+  python bench/distance.py --time-only --repeats 7     # only the interleaved distance / bare forward time ratio
   python bench/distance.py --streamed [--repeats 3] [--json OUT]
 """
 import argparse, json, math, os, sys, tempfile, time
@@ -135,6 +136,7 @@ def main():
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--per-n', type=int, default=4, help='block sizes timed for the one-pass-per-n approach (the rest extrapolated: each is one identical forward)')
     p.add_argument('--skip-scaling', action='store_true'); p.add_argument('--json', default=None)
+    p.add_argument('--time-only', action='store_true', help='stop after the distance / bare forward time ratio')
     p.add_argument('--streamed', action='store_true', help='compare the layer-streamed pass with the in-memory one instead')
     p.add_argument('--child', choices=['bare', 'distance', 'in-memory', 'streamed'], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -158,6 +160,10 @@ def main():
     res['time_ratio'] = median(ratios)
     print(f'time   distance / bare forward      = {res["time_ratio"]:.3f}  (goal <= 1.10; median of {args.repeats} interleaved '
           f'pairs, {spread(ratios)}; {res["distance_s"]:.2f}s vs {res["bare_s"]:.2f}s; < 1 is noise: the pass contains the forward; {load()})')
+
+    if args.time_only:
+        if args.json: Path(args.json).write_text(json.dumps(res, indent=1))
+        return print(f'# {load()}')
 
     # children: a fixed glibc mmap threshold puts every tensor > 64 KB in its own mapping, returned to the OS on free,
     # so RSS tracks live memory (with the default dynamic threshold, heap fragmentation made the ratio swing 1.2-2.4)

@@ -8,7 +8,7 @@ from layerprune.distance import angular_distances
 from layerprune.utils import LayerpruneError
 from layerprune import streamed
 from layerprune.streamed import streamed_distances, _record_layer_inputs, _skeleton
-from conftest import run_cli
+from conftest import run_cli, ROOT
 
 TEXTS = ['The quick brown fox jumps over the lazy dog.', 'Layer pruning.', 'Deeper layers are often redundant, say Gromov et al.',
          'A fox.', 'Removing layers [2, 5) drops three of them (0-based, half-open).', 'The lazy dog sleeps.']
@@ -99,3 +99,18 @@ def test_smollm2(wiki_val):
     ref = angular_distances(*load_model('smollm2-135m'), texts, seq_len=64, batch_size=4)
     s = streamed_distances('smollm2-135m', None, texts, seq_len=64, batch_size=4)
     assert s.num_layers == 30 and np.abs(s.mean - ref.mean).max() < 1e-6 and s.best_start == ref.best_start
+
+
+def test_bench_streamed(tmp_path):
+    "bench/distance.py --streamed on a tiny model: its ratio lines, and the two passes give the same matrix."
+    import os
+    out = tmp_path/'b.json'
+    env = {**os.environ, 'PYTHONPATH': os.environ.get('PYTHONPATH') or str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT/'bench'/'distance.py'), '--streamed', '--model', 'tiny:llama', '--samples', '3',
+                        '--seq-len', '16', '--batch-size', '2', '--repeats', '1', '--json', str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ('streamed / in-memory time = ', 'streamed / in-memory peak memory = ', 'matrix max |streamed - in-memory|'):
+        assert line in r.stdout
+    res = json.loads(out.read_text())
+    assert res['max_abs_diff'] < 1e-6 and res['same_best_start'] and res['time_ratio'] > 0 and res['memory_ratio'] > 0
