@@ -3,7 +3,7 @@
 For each model and precision, on the same held-out wiki documents:
   max |d - d_fp32| over the (L+1) x (L+1) angular-distance matrix (states in that precision, distances in float64)
   whether l*(n) = argmin_l d(x^(l), x^(l+n)) changes, and for which n (the block [l*, l*+n) the similarity rule drops)
-  the unpruned LM loss (`layerprune.evaluate.lm_loss`, nats per token) next to fp32's
+  the unpruned LM loss (`layerprune.loss.lm_loss`, formerly evaluate.lm_loss; nats per token) next to fp32's
 
   python bench/precision.py [--models smollm2-135m gemma3-270m] [--precisions fp32 bf16 nf4] [--samples 32] [--seq-len 128] [--json OUT]
 
@@ -19,7 +19,7 @@ from _common import machine
 from layerprune.data import load_texts
 from layerprune.data import batches, last_token_index
 from layerprune.distance import _Accumulator, _batch_distances, _load_for_distances, capture_states, check_precision
-from layerprune.evaluate import lm_loss, token_losses
+from layerprune.loss import lm_loss, token_losses
 
 PRECISIONS = {'fp32': ('float32', 'none'), 'bf16': ('bfloat16', 'none'), 'fp16': ('float16', 'none'),
               'nf4': ('bfloat16', 'nf4'), 'nf4-fp32': ('float32', 'nf4'), 'int8': ('float32', 'int8')}
