@@ -26,7 +26,7 @@ import argparse, json, math, os, sys, tempfile, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, timed, median, in_subprocess, machine, rss_bytes
+from _common import PeakMemory, timed, median, in_subprocess, machine
 from layerprune.models import load_model, decoder
 from layerprune.data import load_texts, batches
 from layerprune.distance import angular_distances, _forward_backbone, _pairwise
