@@ -245,6 +245,7 @@ def export_gguf(model_dir, # a saved model folder (e.g. `prune --out`)
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config; out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'); os.close(fd)
+    um = os.umask(0); os.umask(um); os.chmod(tmp, 0o666 & ~um)  # a normal file's permissions, not mkstemp's 0600
     try:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(model_dir.name)  # (a name 'mistral' would make transformers 5.23 fail to read it back; as llama it reads)
