@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 from layerprune.models import load_model, decoder
 from layerprune.prune import drop_layers, select_layers, num_params
-from layerprune.evaluate import efficiency, output_vocab_size
+from layerprune.efficiency import efficiency
+from layerprune.loss import output_vocab_size
 
 
 def layer_params(layer) -> int: return sum(p.numel() for p in layer.parameters())

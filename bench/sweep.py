@@ -22,7 +22,7 @@ from layerprune.models import load_model, decoder
 from layerprune.data import load_texts
 from layerprune.prune import skip_layers, drop_layers, select_layers
 
-from layerprune.evaluate import lm_loss
+from layerprune.loss import lm_loss
 LOSS = 'layerprune.evaluate.lm_loss (normalized: nats / ln V)'
 
 def loss_fn(model, tok, texts, seq_len, bs): return lm_loss(model, tok, texts, seq_len, bs)['normalized']

@@ -474,7 +474,9 @@ def heal_point(model_name:str, # anything `load_model` takes
                       len(val_texts), _digest(''.join(val_texts)).hex(), eval_seq_len], sort_keys=True)
     def compute():
         from layerprune.models import load_model
-        from layerprune.prune import drop_layers, select_layers, mean_nll
+        from layerprune.prune import drop_layers, select_layers
+        from layerprune.loss import lm_loss
+        mean_nll = lambda m, t, x, s, b: lm_loss(m, t, x, s, b, padding_side='right')['nats']
         model, tok = load_model(model_name, device='cpu' if not torch.cuda.is_available() else None)
         L = decoder(model).num_layers
         layers = select_layers(model, n, strategy, tok, train_texts[:64], seed=config.seed, distances=distances) if n else []

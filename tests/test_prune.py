@@ -140,7 +140,8 @@ def test_metric_strategies_find_identity_layer():
     assert select_layers(m, 1, 'bi', tokenizer=tok, texts=TEXTS) == [3]
     assert select_layers(m, 1, 'taylor', tokenizer=tok, texts=TEXTS) == [3]
     ppl = layer_scores(m, 'ppl', tok, TEXTS)
-    from layerprune.prune import mean_nll
+    from layerprune.loss import lm_loss
+    mean_nll = lambda m, tok, texts: lm_loss(m, tok, texts, 128)['nats']
     assert abs(ppl[3] - mean_nll(m, tok, TEXTS)) < 1e-5                           # removing it changes nothing
     def loss_without(l):
         with skip_layers(m, [l]): return mean_nll(m, tok, TEXTS)
