@@ -84,11 +84,13 @@ def model_card(report:dict, # `layerprune_report.json` fields (removed_layers, m
 def write_model_card(folder, # a saved model folder (has config.json)
                      report:dict|None=None, # report fields (default: the folder's layerprune_report.json)
                      heal:dict|None=None, # healing fields if healed
+                     source=None, # folder the model was loaded from (e.g. `model.config._name_or_path`): its report fills in
                     ) -> Path:
     "Write `folder/README.md` (a model card); removed layers default to the folder's `config.json` record."
     folder = Path(folder)
     rep = {}
-    if (folder/'layerprune_report.json').exists(): rep = json.loads((folder/'layerprune_report.json').read_text())
+    for d in ([Path(source)] if source else []) + [folder]:
+        if (d/'layerprune_report.json').is_file(): rep.update(json.loads((d/'layerprune_report.json').read_text()))
     rep.update(report or {})
     if 'removed_layers' not in rep and (folder/'config.json').exists():
         cfg = json.loads((folder/'config.json').read_text())
