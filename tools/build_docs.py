@@ -129,6 +129,7 @@ border-right:1px solid #ddd;padding:14px 10px;font:14px/1.45 system-ui,sans-seri
 .lp-side a{display:block;color:#0b5394;text-decoration:none;padding:2px 4px;border-radius:3px}
 .lp-side a.cur{background:#dde8f5;font-weight:600} .lp-side h3{margin:12px 0 4px;font-size:13px;color:#555}
 .lp-main{margin-left:260px;max-width:1100px;padding:0 20px} .lp-main img{max-width:100%}
+.jp-RenderedMarkdown pre{background:#f6f8fa;padding:8px 10px;border-radius:4px;margin:10px 0;overflow-x:auto}
 .lp-title{font:600 28px system-ui,sans-serif;margin:18px 0 4px} .lp-desc{color:#555;margin-bottom:14px;font:15px/1.4 system-ui,sans-serif}
 </style>"""
 
