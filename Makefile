@@ -65,6 +65,7 @@ docs-deps: $(DOCS_STAMP)
 
 docs: docs-deps
 	PYTHONPATH=$(CURDIR) $(PY) tools/build_docs.py
+	$(BIN)/pytest -q tests/test_docs.py
 
 figures: install
 	$(BIN)/layerprune run paper_runs.yaml --profile offline
