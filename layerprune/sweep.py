@@ -252,7 +252,7 @@ def sweep_lm_class():
             with skip_layers(self.model, self.variant): return super().generate_until(requests, disable_tqdm)
     return SweepLM
 
-# %% ../nbs/03b_sweep.ipynb #fca628f9
+# %% ../nbs/03b_sweep.ipynb #c903a9a5
 def evaluate_variants(model, # an in-memory causal LM (left unchanged)
                       tokenizer, # its tokenizer
                       variants, # list of variants (sets/lists of 0-based layer indices to remove; empty: unpruned)
@@ -261,39 +261,18 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
                       offline:bool|None=None, fewshot_sampler:str|None=None, # as in `layerprune.evaluate.evaluate_tasks`
                      ) -> list[dict]:
     "`evaluate_tasks` for every variant (one `{task: result}` per entry of `variants`), each request's shared prefix computed once."
-    # mirrors `evaluate_tasks` step by step (checks, task files, seeds, summaries) with the model replaced by a `SweepLM`
-    import logging, tempfile, lm_eval
-    from lm_eval.tasks import TaskManager
     from layerprune import evaluate as E
-    tasks = E._check_tasks(tasks)
+    tasks, fs = E.check_eval_args(tasks, limit, num_fewshot, fewshot_sampler)
     vs = check_variants(variants, decoder(model).num_layers)
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise LayerpruneError(f'limit must be an integer >= 1 (items per task), got {limit!r}')
-    fs = num_fewshot if isinstance(num_fewshot, dict) else {t: num_fewshot for t in tasks}
-    if any(v is not None and (not isinstance(v, int) or v < 0) for v in fs.values()):
-        raise LayerpruneError(f'num_fewshot must be an integer >= 0, got {num_fewshot!r}')
     offline = (not E.hub_available()) if offline is None else offline
-    if fewshot_sampler not in (None, 'random'): raise LayerpruneError(f"fewshot_sampler must be None or 'random', got {fewshot_sampler!r}")
-    results, tmp = {v: {} for v in vs}, None
+    results = {v: {} for v in vs}
     lm = sweep_lm_class()(pretrained=model, tokenizer=tokenizer, variants=vs, batch_size=batch_size)
-    log = logging.getLogger('lm_eval'); lvl = log.level
     try:
-        if offline:
-            tmp = tempfile.TemporaryDirectory(prefix='layerprune-tasks-')
-            tm = TaskManager(include_path=str(E.write_offline_tasks(tmp.name)), include_defaults=False)
-        else: tm = TaskManager()
-        log.setLevel(logging.ERROR)
-        for t in tasks:
-            lm.answers.clear()
-            for v in dict.fromkeys(vs):
-                if offline and t in E.HUB_ONLY_TASKS: results[v][t] = dict(status='unavailable', reason=E.HUB_ONLY_TASKS[t]); continue
-                lm.select(v)
-                spec = E.random_fewshot_tasks(tm, t) if fewshot_sampler == 'random' else [t]
-                out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=fs.get(t),
-                                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                              fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
-                results[v][t] = E._summarise(t, out, offline, fs.get(t), limit)
-    finally:
-        log.setLevel(lvl); lm.answers.clear()
-        if tmp: tmp.cleanup()
+        with E.task_manager(offline) as tm:
+            for t in tasks:
+                lm.answers.clear()   # answers for every variant are computed at the first variant's requests
+                for v in dict.fromkeys(vs):
+                    lm.select(v)
+                    results[v][t] = E.run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler)
+    finally: lm.answers.clear()
     return [{t: dict(r) for t, r in results[v].items()} for v in vs]
