@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
-from .utils import LayerpruneError, atomic_write_json, cached_json, slug, progress as progress_bar
+from .utils import LayerpruneError, atomic_write_json, slug, progress as progress_bar
 from .models import decoder, resolve_dtype, QUANTIZATIONS
 from .hooks import layer_hooks
 from .data import batches, last_token_index, load_texts

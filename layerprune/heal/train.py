@@ -16,7 +16,7 @@ from .config import HealConfig
 from .prepare import prepare, merge, check_disjoint, _digest
 
 # %% auto #0
-__all__ = ['save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
+__all__ = ['save_checkpoint', 'load_checkpoint', 'heal', 'add_cli']
 
 # %% ../../nbs/05c_heal_train.ipynb #e7cf0c30
 def _check_interface(model, index) -> None:
@@ -386,46 +386,6 @@ def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it i
         if out_dir is not None and rank == 0: _save_result(healed, tok, r.log, out_dir, work, overwrite)
     if world > 1: torch.distributed.barrier()
     return healed, r.log
-
-# %% ../../nbs/05c_heal_train.ipynb #77034b32
-def heal_point(model_name:str, # anything `load_model` takes
-               n:int, # layers to remove (0: only measure the unpruned model)
-               strategy:str, # `layerprune.prune.STRATEGIES` key ('similarity', 'deepest', 'reverse', ...)
-               config:HealConfig, # healing recipe
-               train_texts:list[str], # healing text
-               val_texts:list[str], # validation text (loss before/after)
-               eval_seq_len:int=128, # tokens per validation document
-               eval_batch_size:int=8,
-               distances=None, # precomputed `DistanceResult` for 'similarity'
-               cache_dir=None, # folder for the cached JSON result (None: no cache)
-              ) -> dict:
-    "Prune `n` layers of `model_name` by `strategy`, measure validation loss, heal with `config`, measure again."
-    from layerprune.utils import cached_json, slug
-    key = json.dumps([model_name, n, strategy, asdict(config), len(train_texts), _digest(''.join(train_texts)).hex(),
-                      len(val_texts), _digest(''.join(val_texts)).hex(), eval_seq_len], sort_keys=True)
-    def compute():
-        from layerprune.models import load_model
-        from layerprune.prune import drop_layers, select_layers
-        from layerprune.loss import lm_loss
-        mean_nll = lambda m, t, x, s, b: lm_loss(m, t, x, s, b, padding_side='right')['nats']
-        model, tok = load_model(model_name, device='cpu' if not torch.cuda.is_available() else None)
-        L = decoder(model).num_layers
-        layers = select_layers(model, n, strategy, tok, train_texts[:64], seed=config.seed, distances=distances) if n else []
-        if n: drop_layers(model, layers)
-        before = mean_nll(model, tok, val_texts, eval_seq_len, eval_batch_size)
-        res = dict(model=model_name, num_layers=L, n=n, fraction=n / L, strategy=strategy, layers=layers,
-                   layers_str=fmt_layers(layers), loss_unhealed=before, loss_healed=before, method=config.method,
-                   config=asdict(config))
-        if n:
-            healed, log = heal(model, tok, config, train_texts, progress=False)
-            res.update(loss_healed=mean_nll(healed, tok, val_texts, eval_seq_len, eval_batch_size), loss_curve=log['loss'],
-                       trainable_params=log['trainable_params'], total_params=log['total_params'], heal_time_s=log['wall_s'],
-                       tokens_per_s=log['tokens_per_s'], peak_memory_mb=log['peak_memory_mb'],
-                       peak_memory_kind=log['peak_memory_kind'], notes=log['notes'])
-        return res
-    if cache_dir is None: return compute()
-    h = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return cached_json(Path(cache_dir)/f'heal_{slug(model_name)}_{strategy}_n{n}_{config.method}_{h}.json', compute)
 
 # %% ../../nbs/05c_heal_train.ipynb #44ed9a08
 def add_cli(subparsers):
