@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow check-sync readme lab figures clean-runs gpu-check docs docs-deps
+.PHONY: install demo test test-slow check-sync readme claims lab figures clean-runs gpu-check docs docs-deps
 
 $(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
 	test -x $(PY) || python3 -m venv .venv
@@ -41,6 +41,11 @@ gpu-check: install
 # README.md is generated from nbs/index.ipynb
 readme: install
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+# the claim-by-claim table in nbs/index.ipynb (and README.md) from the committed figures/*.json (layerprune.claims)
+claims: install
+	$(PY) -m layerprune.claims
+	$(MAKE) --no-print-directory readme
 
 # notebooks are the source: cleaning, exporting and rendering the README must change nothing that is committed
 check-sync: install

@@ -15,7 +15,7 @@ from .hooks import layer_hooks
 from .data import batches, last_token_index, load_texts
 
 # %% auto #0
-__all__ = ['capture_states', 'angular', 'DistanceResult', 'check_precision', 'angular_distances', 'add_cli']
+__all__ = ['capture_states', 'angular', 'DistanceResult', 'check_precision', 'angular_distances', 'add_cli', 'distance_samples']
 
 # %% ../nbs/02_distance.ipynb #34f99617
 @contextlib.contextmanager
@@ -243,3 +243,21 @@ def _cli_distances(args):
     for n in sorted({1, 2, max(1, L//4), max(1, L//2)}):
         s = r.best_start[n-1]
         print(f'  n={n:>3}: drop layers [{s}, {s+n}) (0-based, half-open), d={r.distances[n-1][s]:.3f}')
+
+# %% ../nbs/02_distance.ipynb #e75bd896
+def distance_samples(model, # a loaded causal LM
+                     tokenizer, # its tokenizer (with a pad token)
+                     texts:list[str], # one sample per document
+                     seq_len:int=512, # truncate each document to this many tokens
+                     batch_size:int=8, # documents per forward pass
+                    ) -> np.ndarray:
+    "Per-document last-token angular distance matrices, float64 `[documents, L+1, L+1]` (their mean is `angular_distances`')."
+    if not texts: raise LayerpruneError('no texts to measure distances on')
+    L, dev, out = decoder(model).num_layers, next(model.parameters()).device, []
+    for batch in batches(texts, tokenizer, seq_len, batch_size):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        idx = last_token_index(batch['attention_mask'])
+        select = lambda h: h[torch.arange(h.shape[0], device=h.device), idx].detach().float()
+        with torch.inference_mode(), capture_states(model, select) as xs: _forward_backbone(model, batch)
+        out.append(_batch_distances(xs, batch['attention_mask'], False).double().cpu())
+    return torch.cat(out).numpy()

@@ -18,7 +18,8 @@ from .prune import STRATEGIES, METRICS, NEEDS_TEXT, drop_layers, skip_layers, la
 # %% auto #0
 __all__ = ['CALIBRATION_SPLIT', 'EVALUATION_SPLIT', 'DEFAULT_CACHE', 'fractions_to_ns', 'ModelRef', 'model_ref', 'point_key',
            'cached', 'model_info', 'distances_point', 'scores_point', 'select_layers_cached', 'unhealed_point',
-           'unhealed_sweep', 'accuracy_point', 'accuracy_sweep', 'healed_point', 'heal_config', 'heal_sweep']
+           'unhealed_sweep', 'accuracy_point', 'accuracy_sweep', 'healed_point', 'heal_config', 'heal_sweep',
+           'provenance', 'bootstrap_best_start', 'lstar_bootstrap_point', 'healed_eval_point', 'finetune_comparison']
 
 # %% ../nbs/09_experiments.ipynb #8e446fa8
 CALIBRATION_SPLIT = 'train'        # text that selects layers (data-driven strategies) and heals
@@ -313,11 +314,13 @@ def healed_point(model_name, # a name or a `ModelRef`
     def compute():
         model, tok = ref.load(fresh=True)
         if layers: drop_layers(model, layers)
-        loss = lambda m: lm_loss(m, tok, val, eval_seq_len, eval_batch_size, padding_side='right')['nats']
-        res = dict(loss_unhealed=loss(model)); res['loss_healed'] = res['loss_unhealed']
+        full = lambda m: lm_loss(m, tok, val, eval_seq_len, eval_batch_size, padding_side='right')
+        u = full(model); res = dict(loss_unhealed=u['nats'], loss_unhealed_stderr=u['stderr'], loss_healed=u['nats'],
+                                    loss_healed_stderr=u['stderr'])
         if layers:
             healed, log = heal(model, tok, config, train, progress=False)
-            res.update(loss_healed=loss(healed), loss_curve=log['loss'], trainable_params=log['trainable_params'],
+            h = full(healed)
+            res.update(loss_healed=h['nats'], loss_healed_stderr=h['stderr'], tokens_trained=log['tokens_this_run'], loss_curve=log['loss'], trainable_params=log['trainable_params'],
                        total_params=log['total_params'], heal_time_s=log['wall_s'], tokens_per_s=log['tokens_per_s'],
                        peak_memory_mb=log['peak_memory_mb'], peak_memory_kind=log['peak_memory_kind'], notes=log['notes'])
         return res
@@ -364,7 +367,126 @@ def heal_sweep(model_name, # a name or a `ModelRef`
                                  rank=cfg.rank, seed=cfg.seed, loss_unhealed=r['loss_unhealed'], loss_healed=r['loss_healed'],
                                  norm_unhealed=r['loss_unhealed'] / base['loss_unhealed'],
                                  norm_healed=r['loss_healed'] / base['loss_unhealed'],
+                                 loss_unhealed_stderr=r.get('loss_unhealed_stderr'), loss_healed_stderr=r.get('loss_healed_stderr'),
+                                 tokens_trained=cfg.steps * cfg.batch_size * cfg.seq_len,
                                  **{k: r[k] for k in ('trainable_params', 'heal_time_s', 'tokens_per_s', 'peak_memory_mb',
                                                       'peak_memory_kind')}))
                 print(f'{s:>10} n={n:>2} {label}: drop {r["layers_str"]}: loss {r["loss_unhealed"]:.3f} -> {r["loss_healed"]:.3f}')
     return dict(num_layers=L, ns=ns, unpruned_loss=base['loss_unhealed'], rows=rows)
+
+# %% ../nbs/09_experiments.ipynb #4d46a4bf
+def provenance(model_name, # a name or a `ModelRef`
+               dtype=None, # weights dtype, for a name
+               text:str|None=None, # text source name ('wiki', ...)
+               texts:dict|None=None, # {role: documents}: each recorded as its digest and count (as in the cache keys)
+               **extra, # what else the numbers depend on: per-point tokens_trained, per-task items, seeds, sizes
+              ) -> dict:
+    "The `provenance` of a figure (`save_figure(provenance=...)`): model fingerprint, dtype, text source and digests, versions."
+    ref = model_ref(model_name, dtype); k = point_key(ref, texts=texts)
+    docs = {r: dict(digest=k[f'texts_{r}'][0], documents=k[f'texts_{r}'][1]) for r in (texts or {})}
+    return dict(model=ref.model_name, model_fingerprint=k['model'], dtype=k['dtype'], device=k['device'], text_source=text,
+                texts=docs, lm_eval=_version('lm_eval'), torch=_version('torch'), transformers=_version('transformers'), **extra)
+
+# %% ../nbs/09_experiments.ipynb #3f3a31fc
+def bootstrap_best_start(per_doc, # per-document distance matrices `[documents, L+1, L+1]` (`distance_samples`)
+                         resamples:int=200, # bootstrap resamples of the documents
+                         level:float=0.9, # coverage of the reported interval
+                         seed:int=0, # resampling seed
+                        ) -> list[dict]:
+    "Per n = 1..L: l*(n) on all documents, how often a resample keeps it (`stay`), and the `level` interval of l*(n)."
+    import numpy as np
+    per = np.asarray(per_doc, dtype=np.float64)
+    if per.ndim != 3 or per.shape[1] != per.shape[2] or per.shape[0] < 2:
+        raise LayerpruneError(f'need [documents >= 2, L+1, L+1] distances, got shape {per.shape}')
+    N, L = per.shape[0], per.shape[1] - 1
+    rng = np.random.default_rng(seed)
+    means = np.stack([per[rng.integers(0, N, N)].mean(0) for _ in range(resamples)])   # [R, L+1, L+1]
+    full, out, q = per.mean(0), [], (1 - level) / 2
+    for n in range(1, L + 1):
+        l = np.arange(L - n + 1)
+        best = int(full[l, l + n].argmin()); boot = means[:, l, l + n].argmin(1)
+        out.append(dict(n=n, best=best, stay=float((boot == best).mean()), lo=int(np.quantile(boot, q, method='lower')),
+                        hi=int(np.quantile(boot, 1 - q, method='higher')), resamples=resamples, level=level))
+    return out
+
+# %% ../nbs/09_experiments.ipynb #de2f047b
+def lstar_bootstrap_point(model_name, # a name or a `ModelRef`
+                          text:str='wiki', samples:int=256, seq_len:int=512, batch_size:int=8, # as `distances_point`
+                          resamples:int=200, # bootstrap resamples of the documents
+                          level:float=0.9, # interval coverage
+                          dtype=None, # weights dtype, for a name
+                          cache_dir=DEFAULT_CACHE, # cache folder (None: no cache)
+                         ) -> list[dict]:
+    "`bootstrap_best_start` of the per-document distances on the evaluation split, cached (only the summary is stored)."
+    from layerprune.distance import distance_samples
+    ref, texts = model_ref(model_name, dtype), load_texts(text, EVALUATION_SPLIT, samples)
+    key = point_key(ref, texts={EVALUATION_SPLIT: texts}, seq_len=seq_len, batch_size=batch_size, resamples=resamples, level=level)
+    def compute():
+        model, tok = ref.load()
+        return bootstrap_best_start(distance_samples(model, tok, texts, seq_len, batch_size), resamples, level)
+    return cached('lstar_bootstrap', key, compute, cache_dir)
+
+# %% ../nbs/09_experiments.ipynb #42904004
+def healed_eval_point(model_name, # a name or a `ModelRef`
+                      strategy:str, # see `layerprune.prune.STRATEGIES`
+                      n:int, # layers to remove (> 0)
+                      config, # a `layerprune.heal.HealConfig`
+                      evals:list[dict], # each {'tasks': [...], 'limit': ..., 'num_fewshot': ...}: QA accuracy of the healed model
+                      text:str='wiki', train_docs:int=400, val_docs:int=64, eval_seq_len:int=128, calib_samples:int=64,
+                      calib_seq_len:int=128, # see `healed_point`
+                      dtype=None, # weights dtype, for a name
+                      cache_dir=DEFAULT_CACHE, # cache folder (None: no cache)
+                     ) -> dict:
+    "`healed_point`'s loss (with stderr) plus lm-eval accuracy per task of the healed model, cached as one point."
+    from layerprune.heal import HealConfig, heal
+    from layerprune.evaluate import evaluate_tasks, hub_available
+    if not isinstance(config, HealConfig) or n < 1: raise LayerpruneError('healed_eval_point needs n >= 1 and a HealConfig')
+    ref = model_ref(model_name, dtype); L = model_info(ref, cache_dir=cache_dir)['num_layers']; _check_n(n, L)
+    layers = select_layers_cached(ref, strategy, n, text, calib_samples, calib_seq_len, seed=config.seed, cache_dir=cache_dir)
+    train, val = load_texts(text, CALIBRATION_SPLIT, train_docs), load_texts(text, EVALUATION_SPLIT, val_docs)
+    offline = not hub_available()
+    def compute():
+        model, tok = ref.load(fresh=True); drop_layers(model, layers)
+        loss = lambda m: lm_loss(m, tok, val, eval_seq_len, 8, padding_side='right')
+        before = loss(model); healed, log = heal(model, tok, config, train, progress=False)
+        after, acc = loss(healed), {}
+        for e in evals:
+            acc.update(evaluate_tasks(healed, tok, e['tasks'], e.get('limit'), e.get('num_fewshot'), 0, 8, offline))
+        return dict(loss_unhealed=before['nats'], loss_unhealed_stderr=before['stderr'], loss_healed=after['nats'],
+                    loss_healed_stderr=after['stderr'], tokens_trained=log['tokens_this_run'], heal_time_s=log['wall_s'],
+                    trainable_params=log['trainable_params'], accuracy=acc)
+    key = point_key(ref, texts={'train': train, 'evaluation': val}, layers=layers, config=asdict(config), evals=evals,
+                    eval_seq_len=eval_seq_len, offline=offline, lm_eval=_version('lm_eval'))
+    return dict(cached('healed_eval', key, compute, cache_dir), strategy=strategy, n=n, layers=layers, num_layers=L,
+                config=asdict(config))
+
+# %% ../nbs/09_experiments.ipynb #e82b9da7
+def finetune_comparison(model_name, # a name or a `ModelRef`
+                        strategy:str, fraction:float, # the pruning the methods heal
+                        methods:list[str], # `heal_config` methods, e.g. ['lora', 'qlora', 'partial-3']
+                        rates:dict, # {method: [learning rates]} swept on validation loss; other methods take the best rate of
+                                    # the swept method of their kind (qlora <- lora, partial-k <- a swept partial)
+                        evals:list[dict], # QA evaluations of the healed models (`healed_eval_point`)
+                        text:str='wiki', train_docs:int=400, val_docs:int=64, eval_seq_len:int=128,
+                        dtype=None, cache_dir=DEFAULT_CACHE, # see `healed_eval_point`
+                        **config, # common `HealConfig` fields
+                       ) -> dict:
+    "`{sweep, best_lr, rows}`: each swept method's validation loss per rate, the chosen rates, and every method at its rate."
+    swept = heal_sweep(model_name, [strategy], [fraction], [dict(method=m, lr=lr, label=f'{m} lr={lr:g}') for m, lrs in rates.items()
+                       for lr in lrs], text, train_docs, val_docs, eval_seq_len, dtype=dtype, cache_dir=cache_dir, **config)
+    loss_at = lambda m, lr: next(r['loss_healed'] for r in swept['rows'] if r['label'] == f'{m} lr={lr:g}')
+    best = {m: min(lrs, key=lambda lr: loss_at(m, lr)) for m, lrs in rates.items()}
+    base = lambda m: 'lora' if m in ('lora', 'qlora') else m.split('-')[0]
+    kind = lambda m: next((s for s in rates if base(s) == base(m)), None)
+    rows, n = [], swept['ns'][0]
+    for m in methods:
+        if kind(m) is None: raise LayerpruneError(f'no swept rate for {m!r}: sweep a method of its kind ({", ".join(rates)})')
+        r = healed_eval_point(model_name, strategy, n, heal_config(m, **{**config, 'lr': best[kind(m)]}), evals, text, train_docs,
+                              val_docs, eval_seq_len, dtype=dtype, cache_dir=cache_dir)
+        ok = [a for a in r['accuracy'].values() if a.get('status') == 'ok' and a.get('acc') is not None]
+        se = [a.get('acc_stderr') or 0 for a in ok]
+        rows.append(dict(method=m, lr=best[kind(m)], avg_acc=sum(a['acc'] for a in ok) / len(ok) if ok else None,
+            avg_acc_stderr=sum(x * x for x in se) ** 0.5 / len(se) if se else None, **{k: r[k] for k in (
+            'loss_unhealed', 'loss_healed', 'loss_healed_stderr', 'tokens_trained', 'heal_time_s', 'trainable_params')},
+            accuracy=r['accuracy'], layers=fmt_layers(r['layers'])))
+    return dict(sweep=swept['rows'], unpruned_loss=swept['unpruned_loss'], num_layers=swept['num_layers'], n=n, best_lr=best, rows=rows)

@@ -315,7 +315,7 @@ def test_heal_paper_notebooks_execute_with_papermill(run_paper):
                                   rank=2, lr=1e-3, tag='curves'),
               'heal_rank': dict(common, **dist, fraction=0.34, strategy='similarity', ranks=[1], method='lora', lr=1e-3),
               'lu_finetune': dict(common, fraction=0.25, strategy='reverse', methods=['qlora', 'partial-1'],
-                                  rank=2, lora_lr=1e-3, partial_lr=1e-3)}
+                                  rank=2, lora_lrs=[1e-3], partial_lrs=[1e-3, 1e-2], tasks=['arc_easy'], limit=2, mmlu_limit=1)}
     r, tmp_path = run_paper(params)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
