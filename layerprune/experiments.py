@@ -213,7 +213,8 @@ def unhealed_sweep(model_name, # a name or a `ModelRef`
             r = unhealed_point(ref, s, n, text, eval_samples, calib_samples, seq_len, batch_size, seed, cache_dir=cache_dir)
             selections[s][n] = r['layers']
             rows.append(dict(model=ref.model_name, strategy=s, n=n, fraction=round(n / L, 4), loss=round(r['nats'], 5),
-                             normalised_loss=round(r['normalized'], 5), removed=' '.join(map(str, r['layers']))))
+                             normalised_loss=round(r['normalized'], 5),
+                             normalised_stderr=None if r.get('stderr_normalized') is None else round(r['stderr_normalized'], 5), removed=' '.join(map(str, r['layers']))))
     scores = {s: scores_point(ref, s, text, calib_samples, seq_len, batch_size, cache_dir=cache_dir) for s in strategies if s in METRICS}
     return dict(info, ns=ns, rows=rows, selections=selections, scores=scores)
 
