@@ -252,7 +252,8 @@ def _merge_qlora(train_model, model) -> nn.Module:
     return model.eval()
 
 def _no_checkpointing(m):
-    if getattr(m, 'is_gradient_checkpointing', False): m.gradient_checkpointing_disable()
+    on = getattr(m, 'is_activation_checkpointing', None)  # transformers >= 5.2; older: is_gradient_checkpointing
+    if on or (on is None and getattr(m, 'is_gradient_checkpointing', False)): m.gradient_checkpointing_disable()
 
 @torch.no_grad()
 def merge(train_model:nn.Module, # what `prepare` returned (after training)
