@@ -168,6 +168,15 @@ def _quantize_4bit(model, device, compute_dtype:torch.dtype):
 # %% ../../nbs/05b_heal_prepare.ipynb #a0419e20
 _GC = dict(gradient_checkpointing_kwargs={'use_reentrant': False})  # non-reentrant: works with frozen inputs and 4-bit layers
 
+def _own_memory(model) -> None:
+    "Give a CPU model's non-quantized tensors memory of their own, so that the mapping of the (full-precision) safetensors file it was loaded from is released."
+    if model_device(model).type != 'cpu': return
+    for p in model.parameters():
+        if p.dtype.is_floating_point: p.data = p.data.clone()
+    for mod in model.modules():
+        for k, b in mod._buffers.items():
+            if b is not None: mod._buffers[k] = b.clone()
+
 def _qlora_base(model, config:HealConfig, info:dict):
     "The 4-bit base for `qlora` (the model itself if it is already quantized), prepared for k-bit training; its compute dtype."
     from peft import prepare_model_for_kbit_training
@@ -182,6 +191,7 @@ def _qlora_base(model, config:HealConfig, info:dict):
         base = _quantize_4bit(model, model_device(model), dt)
         info['notes'].append('the full-precision model in memory was quantized to NF4 through a temporary folder and kept for '
                              'the merge (heal_from_pretrained loads NF4 directly and holds no full-precision copy)')
+    _own_memory(base)  # on the CPU, weights loaded zero-copy would keep the whole file resident
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.checkpointing, **_GC)
     return base, dt
 
