@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, fields
 from fastcore.basics import patch
 from ..utils import LayerpruneError
+from ..papers import PAPER_MODELS, LU_HEALING
 
 # %% auto #0
 __all__ = ['METHODS', 'TARGETS', 'SCHEDULES', 'DTYPES', 'OPTIMIZERS', 'GROMOV_TABLE', 'GROMOV_PEAK_LR', 'GROMOV_PROSE_LR',
@@ -20,15 +21,16 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('adamw', 'paged_adamw_8bit')
 
-# Gromov et al. (2024), "The Unreasonable Ineffectiveness of the Deeper Layers", appendix A.1, table of healing settings:
-# model -> (peak learning rate, LoRA rank, maximum sequence length). 2048 tokens for models <= 7B, 4096 for >= 13B.
-GROMOV_TABLE = {'llama-2-7b': (3e-4, 2, 2048), 'llama-2-13b': (3e-4, 64, 4096), 'llama-2-70b': (3e-5, 8, 4096),
-                'qwen-7b': (3e-4, 64, 2048), 'qwen-14b': (3e-4, 64, 4096), 'mistral-7b': (3e-6, 4, 2048),
-                'phi-2': (2e-4, 64, 2048)}
+# Gromov et al. (2024), "The Unreasonable Ineffectiveness of the Deeper Layers", appendix A.1, table of healing settings
+# (held in `layerprune.papers`): short model name -> (peak learning rate, LoRA rank, maximum sequence length).
+# 2048 tokens for models <= 7B, 4096 for >= 13B.
+def _short(hub_id:str) -> str: return hub_id.split('/')[-1].lower().removesuffix('-hf').removesuffix('-v0.1')
+_GROMOV_ROWS = {_short(k): v for k, v in PAPER_MODELS.items() if v['paper'] == 'gromov'}
+GROMOV_TABLE = {k: (v['peak_lr'], v['lora_rank'], v['max_seq_len']) for k, v in _GROMOV_ROWS.items()}
 GROMOV_PEAK_LR = {k: v[0] for k, v in GROMOV_TABLE.items()}
 # The same paper's prose: "3e-4 for all models except Phi-2 (3e-5) and Mistral-7B (3e-6)", which contradicts the table
-# for these two; the presets use the table's value and say so in `note`.
-GROMOV_PROSE_LR = {'phi-2': 3e-5, 'llama-2-70b': 3e-4}
+# for Phi-2 (table 2e-4) and Llama-2-70B (table 3e-5); the presets use the table's value and say so in `note`.
+GROMOV_PROSE_LR = {k: v['peak_lr_prose'] for k, v in _GROMOV_ROWS.items() if v['peak_lr_prose'] != v['peak_lr']}
 # Rows of `yahma/alpaca-cleaned` (Lu et al. fine-tune 2 epochs over it).
 ALPACA_CLEANED_ROWS = 51_760
 
@@ -138,13 +140,14 @@ def gromov(cls:HealConfig, model_name:str='', # model name or path, looked up in
 @patch(cls_method=True)
 def lu(cls:HealConfig, method:str='partial', # 'partial' (lm_head + last 3, their best), 'lora' or 'qlora' (their ablation rows)
        train_size:int=ALPACA_CLEANED_ROWS, # training sequences per epoch (default: the rows of yahma/alpaca-cleaned)
-       epochs:float=2, # epochs over them (steps = ceil(epochs * train_size / batch_size))
+       epochs:float=LU_HEALING['epochs'], # epochs over them (steps = ceil(epochs * train_size / batch_size))
        **kw): # fields that replace the preset's values
     "Lu et al.'s fine-tuning: AdamW (paged 8-bit for QLoRA), LR 1e-5, batch 64, 100 warm-up, 2 epochs of Alpaca-cleaned, rank 8."
-    batch = kw.get('batch_size', 64)
+    batch = kw.get('batch_size', LU_HEALING['global_batch'])
     steps = max(1, math.ceil(epochs * train_size / batch))
     note = (f'Lu et al.: {epochs:g} epochs x {train_size} sequences / batch {batch} = {steps} steps; their sequence length is not '
             'stated: 256 tokens (the LLM-Pruner recipe they build on), one Alpaca example per sequence before packing')
-    base = dict(method=method, last_k=3, rank=8, target='all-linear', lr=1e-5, warmup=100, batch_size=64, seq_len=256, steps=steps,
+    base = dict(method=method, last_k=3, rank=LU_HEALING['lora_rank'], target='all-linear', lr=LU_HEALING['lr'],
+                warmup=LU_HEALING['warmup'], batch_size=LU_HEALING['global_batch'], seq_len=256, steps=steps,
                 schedule='cosine', optimizer='paged_adamw_8bit' if method == 'qlora' else 'adamw', note=note)
     return cls(**{**base, **kw})
