@@ -207,3 +207,16 @@ def test_qlora_checkpointing_survives_quantisation_and_trains(tok, train):
     grads = [p.grad for n, p in tm.named_parameters() if 'lora_A' in n]
     assert grads and all(g is not None for g in grads)
     assert not prepare(drop_layers(tiny_model('llama', 6), [2, 3]), small(method='qlora', gradient_checkpointing=False))[0].get_base_model().is_activation_checkpointing
+
+
+def test_heal_from_pretrained_partial_keeps_dtype_and_refuses_bad_layers(tok, train, tmp_path):
+    from safetensors import safe_open
+    tiny_model('llama', 6, tie=False).to(torch.bfloat16).save_pretrained(tmp_path/'base'); tok.save_pretrained(tmp_path/'base')
+    with pytest.raises(LayerpruneError, match='do not fit'):
+        heal_from_pretrained(str(tmp_path/'base'), [5, 6], small(method='partial'), train, tmp_path/'bad', progress=False)
+    assert not (tmp_path/'bad').exists()
+    out, log = heal_from_pretrained(str(tmp_path/'base'), [2, 3], small(method='partial', last_k=1, lr=1e-3), train, tmp_path/'p',
+                                    progress=False)
+    assert log['dtype'] == 'bfloat16' and not (tmp_path/'p.adapter').exists()
+    with safe_open(str(out/'model.safetensors'), 'pt') as h:
+        assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16} and not any('layers.4.' in k for k in h.keys())

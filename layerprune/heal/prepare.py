@@ -395,12 +395,15 @@ def heal_from_pretrained(model_name:str, # anything `load_model` takes whose wei
     from layerprune.heal.train import heal
     out = check_output(out_dir, 'dir', overwrite, 'output folder')
     folder = _model_folder(model_name, trust_remote_code)
-    L = next((v for k, v in json.loads((folder/'config.json').read_text()).items() if k in ('num_hidden_layers', 'n_layer')), None)
+    cfg = json.loads((folder/'config.json').read_text())
+    L = next((v for k, v in cfg.items() if k in ('num_hidden_layers', 'n_layer')), None)
+    stored = cfg.get('dtype') or cfg.get('torch_dtype')  # lora/partial keep the dtype the weights are stored in
     layers = sorted({int(i) for i in layers})
     if L is None or any(not 0 <= i < L for i in layers) or len(layers) >= L:
         raise LayerpruneError(f'layers {fmt_layers(layers)} do not fit {model_name} ({L} layers, 0-based)')
     q = config.method == 'qlora'
-    model, tok = load_model(str(folder), dtype=config.dtype or ('bfloat16' if q else None), quantization='nf4' if q else 'none',
+    dtype = config.dtype or ('bfloat16' if q else stored if stored in ('float32', 'bfloat16', 'float16') else None)
+    model, tok = load_model(str(folder), dtype=dtype, quantization='nf4' if q else 'none',
                             trust_remote_code=trust_remote_code)
     check_placement(model); drop_layers(model, layers)
     adapter = out.with_name(out.name + '.adapter') if q else out
