@@ -60,6 +60,15 @@ def _checkpoints(work) -> list[Path]:
     if work is None or not Path(work).is_dir(): return []
     return sorted(p for p in Path(work).glob('step-[0-9]*') if p.is_dir() and (p/'state.json').exists())
 
+def _is_dt(t) -> bool:
+    "Whether `t` is a DTensor (a parameter or optimizer state sharded by FSDP)."
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+def _full(t) -> torch.Tensor:
+    "The whole of `t` (gathered from every rank if FSDP shards it: a collective, every rank must call it)."
+    return t.full_tensor() if _is_dt(t) else t
+
 def _rng_tensors() -> dict:
     t = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available(): t.update({f'cuda.{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -69,20 +78,24 @@ def save_checkpoint(work, # the run's checkpoint folder (`<out_dir>.checkpoints`
                     step:int, # optimizer steps done
                     model, optim, sched, # what trains, its AdamW and LR scheduler
                     log:dict, # the training log so far
+                    write:bool=True, # False: only take part in gathering FSDP shards (ranks > 0)
                    ) -> Path:
     "Write checkpoint `work/step-NNNNNNN` atomically (tensors in safetensors, the rest in JSON); keep only the newest."
     from safetensors.torch import save_file
     osd = optim.state_dict()
     path = Path(work)/f'step-{step:07d}'
+    trainable = {n: _full(p.detach()).cpu().contiguous() for n, p in _trainable(model).items()}
+    state = {f'{i}.{k}': _full(v.detach()).cpu().contiguous() for i, s in osd['state'].items() for k, v in s.items()}
+    if not write: return path
     with atomic_dir(path, overwrite=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(tmp/'trainable.safetensors'))
-        save_file({f'{i}.{k}': v.detach().cpu().contiguous() for i, s in osd['state'].items() for k, v in s.items()},
-                  str(tmp/'optimizer.safetensors'))
+        save_file(trainable, str(tmp/'trainable.safetensors'))
+        save_file(state, str(tmp/'optimizer.safetensors'))
         save_file(_rng_tensors(), str(tmp/'rng.safetensors'))
         atomic_write_json(tmp/'state.json', dict(format=_CKPT_FORMAT, step=step, log=log, param_groups=osd['param_groups'],
                                                  scheduler=sched.state_dict(), python_rng=random.getstate()))
     for old in _checkpoints(work)[:-1]: shutil.rmtree(old, ignore_errors=True)
     return path
+
 
 # %% ../../nbs/05c_heal_train.ipynb #dca2777e
 def _bad(ck, what): return LayerpruneError(f'checkpoint {ck} is damaged or not a layerprune checkpoint ({what}): delete it')
@@ -163,6 +176,11 @@ def _rng_state(ck) -> dict:
     return {k: t[k] for k in want}
 
 # %% ../../nbs/05c_heal_train.ipynb #83996f05
+def _shard_like(full:torch.Tensor, p) -> torch.Tensor:
+    "`full` (a whole tensor) sharded like the DTensor `p` (this rank's part of it)."
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+
 def load_checkpoint(ck:Path, # a checkpoint folder written by `save_checkpoint`
                     model, optim, sched, # what trains, its AdamW and LR scheduler (restored in place)
                     config:HealConfig, # this run's recipe (must be the one the checkpoint was made with)
@@ -181,8 +199,12 @@ def load_checkpoint(ck:Path, # a checkpoint folder written by `save_checkpoint`
     if sched_state['last_epoch'] != st['step']: raise _bad(ck, 'scheduler.last_epoch')
     rng, py_rng = _rng_state(ck), _python_rng(st.get('python_rng'), ck)
     # everything checked: restore
+    plist = list(params.values())
+    for i, s in osd['state'].items():  # FSDP: each rank keeps its shard of AdamW's moments
+        for k in ('exp_avg', 'exp_avg_sq'):
+            if _is_dt(plist[i]): s[k] = _shard_like(s[k], plist[i])
     with torch.no_grad():
-        for n, p in params.items(): p.copy_(saved[n])
+        for n, p in params.items(): p.copy_(_shard_like(saved[n], p) if _is_dt(p) else saved[n])
     optim.load_state_dict(osd); sched.load_state_dict(sched_state)
     try:
         torch.set_rng_state(rng['torch']); random.setstate(py_rng)
@@ -336,12 +358,29 @@ class _Run:
     cfg: HealConfig; model: nn.Module; params: list; optim: object; sched: object; log: dict; blocks: torch.Tensor
     device: torch.device; rank: int = 0; world: int = 1; work: Path|None = None
     teacher: nn.Module|None = None; st_s: dict = field(default_factory=dict); st_t: dict = field(default_factory=dict)
-    order: dict = field(default_factory=dict); tokens: int = 0; t0: float = 0.0; prefix: _Prefix|None = None
+    order: dict = field(default_factory=dict); tokens: int = 0; t0: float = 0.0; prefix: _Prefix|None = None; fsdp: bool = False
 
 def _adamw(params:list, config:HealConfig):
     "AdamW, fused (one kernel over all tensors: ~5x faster steps than the per-tensor loop on CPU) where torch supports it."
-    fused = all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in params)
+    fused = all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') and not _is_dt(p) for p in params)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **(dict(fused=True) if fused else {}))
+
+def _shard(model) -> None:
+    "FSDP (`torch.distributed.fsdp.fully_shard`, FSDP2): every decoder layer, then the rest, sharded over the processes."
+    from torch.distributed.fsdp import fully_shard
+    for layer in decoder(model).layers: fully_shard(layer)
+    fully_shard(model)
+
+def _gather_model(r:_Run, model) -> nn.Module|None:
+    "The trained FSDP model as a plain transformers model on rank 0 (full state dict gathered to its CPU); None elsewhere."
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from transformers import AutoModelForCausalLM
+    sd = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if r.rank != 0: return None
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(sd.values())).dtype)
+    plain.load_state_dict(sd, assign=True)
+    if getattr(model.config, 'tie_word_embeddings', False): plain.tie_weights()
+    return plain.eval()
 
 def _frozen_prefix(train_model, config:HealConfig, fast:bool, cache_mb:float) -> _Prefix|None:
     "The `_Prefix` of partial fine-tuning (None where it does not apply: other methods, distillation, dropout, nothing frozen)."
@@ -349,20 +388,22 @@ def _frozen_prefix(train_model, config:HealConfig, fast:bool, cache_mb:float) ->
     if not fast or config.method != 'partial' or config.distill > 0 or first == 0 or _prefix_dropout(train_model, first): return None
     return _Prefix(train_model, first, int(cache_mb * 2**20))
 
-def _setup(model, config:HealConfig, blocks, rank:int, world:int, work, fast:bool=True, cache_mb:float=1024) -> tuple[_Run, dict]:
+def _setup(model, config:HealConfig, blocks, rank:int, world:int, work, fast:bool=True, cache_mb:float=1024,
+           fsdp:bool=False) -> tuple[_Run, dict]:
     "Prepare the model for `config.method` and build its optimizer (fused AdamW with `fast`), schedule and log."
     device = next(model.parameters()).device
     if world > 1 and torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); model.to(device)
     train_model, info = prepare(model, config)
+    if fsdp: _shard(train_model)  # before the optimizer: FSDP replaces the parameters by their shards
     params = list(_trainable(train_model).values())
     optim = _adamw(params, config) if fast else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: config.lr_at(s) / config.lr)
-    prefix = _frozen_prefix(train_model, config, fast, cache_mb)
+    prefix = None if fsdp else _frozen_prefix(train_model, config, fast, cache_mb)
     log = dict(config=asdict(config), **info, world_size=world, loss=[], lm_loss=[], distill_mse=[], lr=[], resumed_from=None,
                frozen_prefix_layers=prefix.first if prefix else 0, optimizer='adamw-fused' if optim.defaults.get('fused') else 'adamw',
-               threads=torch.get_num_threads())
-    return _Run(config, train_model, params, optim, sched, log, blocks, device, rank, world, work, prefix=prefix), info
+               threads=torch.get_num_threads(), parallel='fsdp' if fsdp else 'ddp' if world > 1 else 'none')
+    return _Run(config, train_model, params, optim, sched, log, blocks, device, rank, world, work, prefix=prefix, fsdp=fsdp), info
 
 def _resume(r:_Run, progress:bool) -> int:
     "Restore the newest checkpoint into `r`; return the step to continue from (0 without one)."
@@ -382,6 +423,12 @@ def _diverged(r:_Run, step:int, what:str) -> LayerpruneError:
     keep = f'; the last good checkpoint ({cks[-1]}) is kept' if cks else ''
     return LayerpruneError(f'training diverged at step {step}/{r.cfg.steps} ({what}): no model saved{keep}; lower the learning rate (lr={r.cfg.lr:g})')
 
+def _params_finite(r:_Run) -> bool:
+    "Whether the trained parameters are finite on every process (FSDP: each rank checks its shards)."
+    ok = torch.tensor([float(_finite([p.to_local() if _is_dt(p) else p for p in r.params]))], device=r.device)
+    if r.world > 1: torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
 def _step(r:_Run, step:int) -> torch.Tensor:
     "Optimizer step `step` (0-based) over all micro-batches; return `[loss, lm loss, distill mse]` averaged over processes."
     cfg = r.cfg; per_rank = cfg.batch_size // r.world; n_micro = per_rank // cfg.micro_batch
@@ -393,7 +440,8 @@ def _step(r:_Run, step:int) -> torch.Tensor:
         ids = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]; x = r.blocks[ids].to(r.device)
         skip = (_from_boundary(r.model, r.prefix.first, r.prefix.states(unwrap(r.model, peft=False), r.blocks, ids, r.device),
                                r.prefix.tuple_out) if r.prefix is not None else contextlib.nullcontext())
-        with contextlib.nullcontext() if r.world == 1 or m == n_micro - 1 else r.model.no_sync(), skip:
+        sync = r.world == 1 or r.fsdp or m == n_micro - 1  # FSDP reduces the gradient shards of every micro-batch
+        with contextlib.nullcontext() if sync else r.model.no_sync(), skip:
             lm = loss = r.model(input_ids=x, labels=x, use_cache=False).loss
             if cfg.distill > 0:
                 with torch.no_grad(): r.teacher(input_ids=x, use_cache=False, logits_to_keep=1)
@@ -403,8 +451,10 @@ def _step(r:_Run, step:int) -> torch.Tensor:
         sums[0] += loss.item(); sums[1] += lm.item()
     gnorm = (nn.utils.clip_grad_norm_(r.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
              else nn.utils.get_total_norm([p.grad for p in r.params if p.grad is not None]))
+    gnorm = _full(gnorm)
     sums /= n_micro
-    if r.world > 1: torch.distributed.all_reduce(sums); sums /= r.world
+    if r.world > 1:  # on the device: NCCL reduces only GPU tensors
+        s = sums.to(r.device); torch.distributed.all_reduce(s); sums = s.cpu() / r.world
     if not _finite([sums, gnorm]): raise _diverged(r, step + 1, f'loss {float(sums[0])}, gradient norm {float(gnorm)}')
     r.log['lr'].append(r.optim.param_groups[0]['lr'])
     r.optim.step(); r.sched.step()
@@ -419,8 +469,8 @@ def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
     r.tokens += cfg.batch_size * cfg.seq_len
     due = r.work is not None and done % cfg.save_every == 0
     if due and done < cfg.steps:
-        if not _finite(r.params): raise _diverged(r, done, 'non-finite parameters')
-        if r.rank == 0: save_checkpoint(r.work, done, r.model, r.optim, r.sched, r.log)
+        if not _params_finite(r): raise _diverged(r, done, 'non-finite parameters')
+        if r.rank == 0 or r.fsdp: save_checkpoint(r.work, done, r.model, r.optim, r.sched, r.log, write=r.rank == 0)
     if due and r.world > 1: torch.distributed.barrier()
     if r.rank == 0 and progress and (done % max(1, cfg.steps // 20) == 0 or done == cfg.steps):
         el = time.perf_counter() - r.t0
@@ -441,7 +491,7 @@ def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback)
             sums = _step(r, step)
             _after_step(r, step + 1, sums, progress)
             if callback is not None: callback(step + 1, r.log)
-    if not _finite(r.params): raise _diverged(r, r.cfg.steps, 'non-finite parameters')
+    if not _params_finite(r): raise _diverged(r, r.cfg.steps, 'non-finite parameters')
     return mem
 
 def _save_result(healed, tok, log:dict, out_dir:Path, work:Path, overwrite:bool) -> None:
@@ -467,26 +517,31 @@ def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it i
          threads:int|str|None=None, # CPU threads: a count, 'auto' (measured, `set_threads`) or None (leave torch's setting)
          fast:bool=True, # fused AdamW and, for `partial`, the frozen prefix without autograd (False: the plain loop)
          boundary_cache_mb:float=1024, # `partial`: memory for cached boundary states of repeated blocks (0: no cache)
+         parallel:str='ddp', # under torchrun/accelerate: 'ddp' (a replica per process) or 'fsdp' (sharded; `partial` only)
         ) -> tuple[nn.Module, dict]:
-    "Heal `model`; return `(plain transformers model with everything merged, training log)`."
+    "Heal `model`; return `(plain transformers model with everything merged, training log)` (FSDP: the model on rank 0 only)."
     n_removed = _check_model(model, config, teacher, interface)
+    if parallel not in ('ddp', 'fsdp'): raise LayerpruneError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    if parallel == 'fsdp' and (config.method != 'partial' or config.distill > 0):
+        raise LayerpruneError('parallel=fsdp supports partial fine-tuning without distillation only (use qlora for large models)')
     out_dir, work = _check_output(out_dir, resume, overwrite)
     rank, world = _dist_info()
     if threads is not None: set_threads(threads)
     blocks = _blocks(tok, config, train_texts, validation_texts, world)
     lock = _output_lock(out_dir, work) if work is not None and rank == 0 else contextlib.nullcontext()
     with lock:
-        r, info = _setup(model, config, blocks, rank, world, work, fast, boundary_cache_mb)
+        fsdp = world > 1 and parallel == 'fsdp'
+        r, info = _setup(model, config, blocks, rank, world, work, fast, boundary_cache_mb, fsdp)
         start = _resume(r, progress) if work is not None and resume else 0
-        if world > 1: r.model = nn.parallel.DistributedDataParallel(r.model, device_ids=[r.device.index] if r.device.type == 'cuda' else None)
+        if world > 1 and not fsdp: r.model = nn.parallel.DistributedDataParallel(r.model, device_ids=[r.device.index] if r.device.type == 'cuda' else None)
         r.teacher = teacher.to(r.device) if teacher is not None else None  # on this rank's device
         mem = _train(r, start, interface, n_removed, progress, callback)
         wall = time.perf_counter() - r.t0
         r.log.update(wall_s=wall, tokens_this_run=r.tokens, tokens_per_s=r.tokens / max(wall, 1e-9), peak_memory_bytes=mem.peak,
                      peak_memory_mb=round(mem.peak / 2**20, 1), peak_memory_kind=mem.kind)
         if r.prefix is not None: r.log.update(boundary_cache=dict(hits=r.prefix.hits, misses=r.prefix.misses, mb=round(r.prefix.nbytes / 2**20, 1)))
-        healed = merge(r.model, model, config.method)
-        healed.requires_grad_(False)
+        healed = _gather_model(r, model) if fsdp else merge(r.model, model, config.method)  # FSDP: None on ranks > 0
+        if healed is not None: healed.requires_grad_(False)
         if out_dir is not None and rank == 0: _save_result(healed, tok, r.log, out_dir, work, overwrite)
     if world > 1: torch.distributed.barrier()
     return healed, r.log
@@ -552,6 +607,7 @@ def add_cli(subparsers):
     p.add_argument('--out', required=True, help='output folder for the healed model and heal_log.json')
     p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in <out>.checkpoints')
     p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    p.add_argument('--fsdp', action='store_true', help='under torchrun/accelerate: shard the model over the processes (partial only)')
     p.add_argument('--threads', help="CPU threads: a number or 'auto' (the fastest measured); default: torch's setting")
     p.set_defaults(func=_cli_heal)
 
@@ -578,7 +634,7 @@ def _cli_heal(args):
     model, tok = load_model(args.model, device=device)
     teacher = load_model(args.teacher, device=device)[0] if cfg.distill > 0 else None
     _, log = heal(model, tok, cfg, texts, out, teacher=teacher, interface=args.interface, resume=args.resume, overwrite=args.overwrite,
-                  threads=threads)
+                  threads=threads, parallel='fsdp' if args.fsdp else 'ddp')
     if int(os.environ.get('RANK', '0')) == 0:
         print(f'healed model -> {out} (final loss {log["loss"][-1]:.4f}, {log["tokens_per_s"]:.0f} tokens/s, '
               f'peak {log["peak_memory_mb"]} MB {log["peak_memory_kind"]}; log: {out/"heal_log.json"})')
