@@ -134,7 +134,7 @@ def main():
     p.add_argument('--texts', type=int, default=64, help='wiki train documents packed into blocks')
     p.add_argument('--blocks', type=int, default=4, help='use only the documents that make this many blocks (0: all): '
                    'steps x batch-size / blocks epochs; the boundary-state cache of partial needs more than one')
-    p.add_argument('--repeats', type=int, default=3, help='interleaved repeats per (method, version)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved repeats per (method, version); default 3 (1 for tiny: smoke runs)')
     p.add_argument('--methods', default='lora,partial')
     p.add_argument('--legacy-rev', default=LEGACY_REV, help='git revision of the version before (default: %(default)s)')
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
@@ -143,6 +143,7 @@ def main():
     args = p.parse_args()
     if args.child: return child(args)
     if args.steps < 2: p.error('--steps must be >= 2 (the first step is warm-up)')
+    if args.repeats is None: args.repeats = 1 if args.model.startswith('tiny:') else 3
 
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
     load = os.getloadavg()
