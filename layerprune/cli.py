@@ -11,7 +11,7 @@ from .utils import LayerpruneError
 __all__ = ['COMMAND_MODULES', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #08eaca41
-COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan']
+COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan', 'layerprune.export']
 
 def build_parser() -> argparse.ArgumentParser:
     "The `layerprune` argument parser with every available sub-command."

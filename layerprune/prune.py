@@ -390,6 +390,8 @@ def save_pruned(model, # a pruned causal LM
         model.save_pretrained(tmp)
         if tokenizer is not None: tokenizer.save_pretrained(tmp)
         atomic_write_json(Path(tmp)/'layerprune_report.json', rep)
+        from layerprune.export import write_model_card  # README.md model card
+        write_model_card(tmp, rep)
     return Path(out_dir)
 
 def mergekit_yaml(num_layers:int, # layers of the original model
@@ -428,6 +430,8 @@ def add_cli(sub):
     p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder / --mergekit file')
     p.add_argument('--no-verify', dest='verify', action='store_false', help='skip the cache/reference/reload checks')
     p.add_argument('--dtype', default='float32')
+    p.add_argument('--push-to-hub', metavar='REPO_ID', help='after saving --out, upload it to this hub repo (private)')
+    p.add_argument('--gguf', metavar='OUT.gguf', help='after saving --out, also write it as a llama.cpp GGUF file (f16)')
     p.set_defaults(func=_cli_prune)
 
 def _cli_prune(args):
@@ -439,6 +443,9 @@ def _cli_prune(args):
             p = Path(path)
             if p.is_dir() and any(p.iterdir()) or p.is_file():
                 raise LayerpruneError(f'{what} {p} exists{" and is not empty" if p.is_dir() else ""} (pass --overwrite to replace it)')
+    if (args.push_to_hub or args.gguf) and not args.out: raise LayerpruneError('--push-to-hub and --gguf need --out (the folder to save first)')
+    if args.gguf and not args.gguf.endswith('.gguf'): raise LayerpruneError(f'--gguf must name a .gguf file: {args.gguf}')
+    if args.gguf and Path(args.gguf).exists() and not args.overwrite: raise LayerpruneError(f'GGUF file {args.gguf} exists (pass --overwrite to replace it)')
     model, tok = load_model(args.model, dtype=args.dtype)
     L = decoder(model).num_layers
     texts = load_texts(args.text, args.split, args.samples) if args.strategy in NEEDS_TEXT else None
@@ -461,6 +468,9 @@ def _cli_prune(args):
     if args.out:
         save_pruned(model, tok, args.out, report=report, overwrite=args.overwrite)
         print(f'saved to {args.out}')
+        from layerprune.export import export_gguf, push_to_hub
+        if args.gguf: print(f'GGUF written: {export_gguf(args.out, args.gguf, overwrite=args.overwrite)}')
+        if args.push_to_hub: print(f'pushed to {push_to_hub(args.out, args.push_to_hub)}')
     if args.mergekit:
         from layerprune.models import EMBEDDED, resolve_model
         # mergekit needs a real model: an embedded name becomes its converted safetensors folder
