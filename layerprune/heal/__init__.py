@@ -6,16 +6,16 @@
 __all__ = ['METHODS', 'TARGETS', 'SCHEDULES', 'DTYPES', 'OPTIMIZERS', 'GROMOV_TABLE', 'GROMOV_PEAK_LR', 'GROMOV_PROSE_LR',
            'HealConfig', 'gromov_key', 'ffn_targets', 'check_disjoint', 'untie_embeddings', 'check_placement',
            'autocast_forward', 'plain_forward', 'prepare', 'make_optimizer', 'merge', 'merge_lora_streaming',
-           'heal_from_pretrained', 'save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
+           'heal_from_pretrained', 'save_checkpoint', 'load_checkpoint', 'heal', 'add_cli']
 
 # %% ../../nbs/05_heal.ipynb #12bd0b05
 from .config import (METHODS, TARGETS, SCHEDULES, DTYPES, OPTIMIZERS, GROMOV_TABLE, GROMOV_PEAK_LR, GROMOV_PROSE_LR,
                                     HealConfig, gromov_key)
 from .prepare import (ffn_targets, check_disjoint, untie_embeddings, check_placement, autocast_forward, plain_forward,
                                      prepare, make_optimizer, merge, merge_lora_streaming, heal_from_pretrained)
-from .train import save_checkpoint, load_checkpoint, heal, heal_point, add_cli
+from .train import save_checkpoint, load_checkpoint, heal, add_cli
 
 _all_ = ['METHODS', 'TARGETS', 'SCHEDULES', 'DTYPES', 'OPTIMIZERS', 'GROMOV_TABLE', 'GROMOV_PEAK_LR', 'GROMOV_PROSE_LR', 'HealConfig',
          'gromov_key', 'ffn_targets', 'check_disjoint', 'untie_embeddings', 'check_placement', 'autocast_forward', 'plain_forward',
          'prepare', 'make_optimizer', 'merge', 'merge_lora_streaming', 'heal_from_pretrained',
-         'save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
+         'save_checkpoint', 'load_checkpoint', 'heal', 'add_cli']
