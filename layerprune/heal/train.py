@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..utils import LayerpruneError, PeakMemory, atomic_dir, atomic_write_json, check_output, clean_temporaries, fmt_layers
+from ..utils import progress as progress_bar
 from ..models import decoder, unwrap
 from ..hooks import layer_hooks, hidden_in
 from .config import HealConfig
@@ -461,8 +462,8 @@ def _step(r:_Run, step:int) -> torch.Tensor:
     return sums
 
 # %% ../../nbs/05c_heal_train.ipynb #9e9412f6
-def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
-    "Log step `done` (1-based), write a checkpoint when due (finite parameters only), print progress."
+def _after_step(r:_Run, done:int, sums, bar) -> None:
+    "Log step `done` (1-based), write a checkpoint when due (finite parameters only), report progress on `bar`."
     cfg = r.cfg
     r.log['loss'].append(float(sums[0])); r.log['lm_loss'].append(float(sums[1]))
     r.log['distill_mse'].append(float(sums[2]) if cfg.distill > 0 else None)
@@ -472,10 +473,10 @@ def _after_step(r:_Run, done:int, sums, progress:bool) -> None:
         if not _params_finite(r): raise _diverged(r, done, 'non-finite parameters')
         if r.rank == 0 or r.fsdp: save_checkpoint(r.work, done, r.model, r.optim, r.sched, r.log, write=r.rank == 0)
     if due and r.world > 1: torch.distributed.barrier()
-    if r.rank == 0 and progress and (done % max(1, cfg.steps // 20) == 0 or done == cfg.steps):
+    if bar is not None:
         el = time.perf_counter() - r.t0
-        print(f'heal {cfg.method}: step {done}/{cfg.steps} loss {r.log["loss"][-1]:.4f} lr {r.log["lr"][-1]:.2e} '
-              f'{r.tokens / max(el, 1e-9):.0f} tok/s', file=sys.stderr, flush=True)
+        bar.set_postfix_str(f'loss {r.log["loss"][-1]:.4f} lr {r.log["lr"][-1]:.2e} {r.tokens / max(el, 1e-9):.0f} tok/s')
+        bar.update(1)
 
 # %% ../../nbs/05c_heal_train.ipynb #3366090b
 def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback) -> PeakMemory:
@@ -486,10 +487,12 @@ def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback)
         hooks.enter_context(_capture(r.model, interface, r.st_s))
         hooks.enter_context(_capture(r.teacher, interface + n_removed, r.st_t))
     r.model.train(); r.t0 = time.perf_counter()
+    bar = progress_bar(total=r.cfg.steps, desc=f'heal {r.cfg.method}', unit='step') if r.rank == 0 and progress else None
+    if bar is not None: bar.update(start)
     with hooks, PeakMemory(r.device, interval=0.01) as mem:
         for step in range(start, r.cfg.steps):
             sums = _step(r, step)
-            _after_step(r, step + 1, sums, progress)
+            _after_step(r, step + 1, sums, bar)
             if callback is not None: callback(step + 1, r.log)
     if not _params_finite(r): raise _diverged(r, r.cfg.steps, 'non-finite parameters')
     return mem
