@@ -114,34 +114,40 @@ def execute(job:Job, # what to run
     return job.output
 
 # %% ../nbs/06_runner.ipynb #eaff35dc
-def add_cli(sub):
-    p = sub.add_parser('run', help='regenerate paper figures by executing nbs/paper/ notebooks with papermill')
-    p.add_argument('runs', nargs='?', default='paper_runs.yaml', help='the run file (default: paper_runs.yaml)')
-    p.add_argument('--only', default='', help='comma-separated run names (default: all)')
-    p.add_argument('--profile', default='offline', help="'offline' (2 CPU cores, embedded models) or 'paper' (hub models)")
-    p.add_argument('--model', default=None, help='only the parameter sets of this model')
-    p.add_argument('--prepare-only', action='store_true', help='validate every run and print the plan; execute nothing')
-    p.add_argument('--out-dir', default='figures'); p.add_argument('--cache-dir', default='runs/cache')
-    p.add_argument('--runs-dir', default='runs', help='where executed notebooks go')
-    p.add_argument('--timeout', type=int, default=None, help='per-cell timeout (s)')
-    p.set_defaults(func=_cli_run)
+from .cli import add_command, check_value, InFile, OutDir, PosInt
 
-def _cli_run(args):
-    spec = load_runs(args.runs)
-    root = Path(args.runs).resolve().parent
-    only = [s.strip() for s in args.only.split(',') if s.strip()] or None
-    jobs = plan(spec, args.profile, only, args.model, root=root, runs_dir=root/args.runs_dir)
+def _cli_run(runs:InFile='paper_runs.yaml', # the run file
+             /, *,
+             only:str='', # comma-separated run names (default: all)
+             profile:str='offline', # 'offline' (2 CPU cores, embedded models) or 'paper' (hub models)
+             model:str|None=None, # only the parameter sets of this model
+             prepare_only:bool=False, # validate every run and print the plan; execute nothing
+             out_dir:str='figures', # where figures go (relative to the run file's folder)
+             cache_dir:str='runs/cache', # cached intermediate results (relative to the run file's folder)
+             runs_dir:str='runs', # where executed notebooks go (relative to the run file's folder)
+             timeout:PosInt|None=None, # per-cell timeout (s)
+            ):
+    "`layerprune run`: execute the paper notebooks of a run file with papermill."
+    spec = load_runs(runs)
+    root = Path(runs).resolve().parent
+    names = [s.strip() for s in only.split(',') if s.strip()] or None
+    jobs = plan(spec, profile, names, model, root=root, runs_dir=root/runs_dir)
     check_models(jobs)
     for i, j in enumerate(jobs, 1): print(f'[{i}/{len(jobs)}] {j}')
-    if args.prepare_only:
-        print(f'{len(jobs)} run(s) of profile {args.profile!r} validated; nothing executed (--prepare-only)')
+    if prepare_only:
+        print(f'{len(jobs)} run(s) of profile {profile!r} validated; nothing executed (--prepare-only)')
         return
+    for flag, d in (('--out-dir', out_dir), ('--cache-dir', cache_dir), ('--runs-dir', runs_dir)):
+        check_value(OutDir, str(root/d), flag, {'overwrite': True})   # existing folders are added to
     for i, j in enumerate(jobs, 1):
         t0 = time.time()
         print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model", "")}) ...', flush=True)
-        try: execute(j, root/args.out_dir, root/args.cache_dir, root=root, timeout=args.timeout)
+        try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout)
         except Exception as e:
             if type(e).__name__ == 'PapermillExecutionError':
                 raise LayerpruneError(f'{j.name} failed in {j.notebook} (see {j.output}): {e.ename}: {e.evalue}') from e
             raise
         print(f'[{i}/{len(jobs)}] done in {time.time()-t0:.0f}s -> {j.output}', flush=True)
+
+def add_cli(sub):
+    add_command(sub, 'run', _cli_run, help='regenerate paper figures by executing nbs/paper/ notebooks with papermill')
