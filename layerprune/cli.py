@@ -13,8 +13,8 @@ from .utils import LayerpruneError, check_output
 
 # %% auto #0
 __all__ = ['SHARED', 'CHECKS', 'COMMAND_MODULES', 'PosInt', 'NonNegInt', 'Seed', 'DType', 'ModelName', 'TextSource', 'InFile',
-           'OutFile', 'OutDir', 'check_model', 'check_text', 'check_value', 'Arg', 'fn_args', 'dataclass_args',
-           'check_args', 'add_command', 'build_parser', 'main']
+           'OutFile', 'OutDir', 'check_model', 'check_text', 'check_value', 'check_fits', 'Arg', 'fn_args',
+           'dataclass_args', 'check_args', 'add_command', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #3c0cfdab
 class PosInt(int): "A count or a size: an integer >= 1."
@@ -159,7 +159,16 @@ def check_value(typ, # the parameter's annotation (Optional removed)
         if isinstance(x, float) and not math.isfinite(x): raise LayerpruneError(f'{flag} must be a finite number, got {x}')
         if typ in CHECKS: CHECKS[typ][1](x, flag, vals or {})
 
-# %% ../nbs/08_cli.ipynb #18290361
+# %% ../nbs/08_cli.ipynb #aa9f3d42
+def check_fits(model, # a loaded causal LM
+               tokens:int, # a sequence length the command will run
+               what:str='--seq-len', # how the user set it (for the message)
+              ):
+    "Fail with one line if `tokens` exceeds the model's `max_position_embeddings`."
+    n = getattr(getattr(model, 'config', None), 'max_position_embeddings', None)
+    if isinstance(n, int) and tokens > n: raise LayerpruneError(f'{what} {tokens} exceeds the {n} positions of the model')
+
+# %% ../nbs/08_cli.ipynb #3ac13044
 @dataclass
 class Arg:
     "One command-line argument."
@@ -205,10 +214,16 @@ def dataclass_args(cls, # a dataclass whose fields carry `metadata={'help': ...}
         out.append(Arg(f.name, t, None, f.metadata.get('help', '') + (f' (default: {d})' if d is not None else ''), config=True))
     return out
 
-# %% ../nbs/08_cli.ipynb #8c568361
+# %% ../nbs/08_cli.ipynb #d3ff9c20
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose usage errors are one line: `layerprune <cmd>: error: ...`, exit status 2."
     def error(self, message): self.exit(2, f'{self.prog}: error: {" ".join(str(message).split())}\n')
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:   # reported by the sub-command's parser, so that the message names the command
+            subs = self._subparsers._group_actions[0].choices if self._subparsers else {}
+            subs.get(getattr(ns, 'command', None), self).error(f'unrecognized arguments: {" ".join(extra)}')
+        return ns
 
 def _add(p:argparse.ArgumentParser, a:Arg):
     t, kw = a.type, dict(help=a.help)
@@ -249,7 +264,7 @@ def add_command(sub, # `add_subparsers()` result
     p.set_defaults(func=run, _args=args)
     return p
 
-# %% ../nbs/08_cli.ipynb #6b6df2cb
+# %% ../nbs/08_cli.ipynb #041c96dc
 COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner']
 
 def build_parser() -> argparse.ArgumentParser:

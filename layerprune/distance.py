@@ -171,7 +171,7 @@ def distances_for(model_name:str, # anything `load_model` takes
     return DistanceResult.from_json(cached_json(Path(cache)/key, compute))
 
 # %% ../nbs/02_distance.ipynb #660190df
-from .cli import add_command, OutFile
+from .cli import add_command, check_fits, OutFile
 
 def _cli_distances(*, out:OutFile, # JSON file to write
                    model='smollm2-135m', text='wiki', split='validation', samples=256, seq_len=512, batch_size=8,
@@ -181,6 +181,7 @@ def _cli_distances(*, out:OutFile, # JSON file to write
     from layerprune.models import load_model
     texts = load_texts(text, split, samples)
     m, tok = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+    check_fits(m, seq_len)
     t0 = time.time()
     r = angular_distances(m, tok, texts, seq_len, batch_size, all_tokens, progress=not quiet, name=model, text=text)
     r.save(out)

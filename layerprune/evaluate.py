@@ -190,7 +190,7 @@ def evaluate_pruned(model, # a causal LM (left unchanged)
 
 # %% ../nbs/04_evaluate.ipynb #c8f61a7f
 from typing import Literal
-from .cli import add_command, NonNegInt, OutFile, PosInt
+from .cli import add_command, check_fits, NonNegInt, OutFile, PosInt
 
 def _cli_evaluate(*, out:OutFile, # JSON file to write; finished tasks are cached beside it (<out>.cache) and reused
                   model='smollm2-135m',
@@ -232,7 +232,10 @@ def _cli_evaluate(*, out:OutFile, # JSON file to write; finished tasks are cache
     if efficiency: keys['efficiency'] = dict(base, task='efficiency', prompt_len=prompt_len, decode_tokens=decode_tokens)
     loaded = {}
     def mt():
-        if not loaded: loaded['m'] = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+        if not loaded:
+            loaded['m'] = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+            if 'loss' in names: check_fits(loaded['m'][0], seq_len)
+            if efficiency: check_fits(loaded['m'][0], prompt_len + decode_tokens, '--prompt-len + --decode-tokens =')
         return loaded['m']
     compute = dict(loss=lambda: dict(lm_loss(*mt(), texts, seq_len, batch_size), text=text, split=split),
                    efficiency=lambda: measure(mt()[0], mt()[1], prompt_len, decode_tokens))

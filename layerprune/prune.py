@@ -390,7 +390,7 @@ def mergekit_yaml(num_layers:int, # layers of the original model
 
 # %% ../nbs/03_prune.ipynb #3c4717bf
 from typing import Literal
-from .cli import add_command, OutDir, OutFile, PosInt
+from .cli import add_command, check_fits, OutDir, OutFile, PosInt
 Strategy = Literal[tuple(STRATEGIES)]
 
 def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's layer count)
@@ -413,6 +413,7 @@ def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's l
     say = (lambda *a, **k: None) if quiet else print
     m, tok = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     L = decoder(m).num_layers
+    if strategy in NEEDS_TEXT: check_fits(m, seq_len)
     texts = load_texts(text, split, samples) if strategy in NEEDS_TEXT else None
     layers = select_layers(m, n, strategy, tokenizer=tok, texts=texts, seed=seed, seq_len=seq_len, batch_size=batch_size)
     say(f'{strategy}: removing {len(layers)} of {L} layers: {fmt_layers(layers)}')

@@ -32,17 +32,19 @@ def load_runs(path) -> dict:
     "Read and structurally check a paper_runs.yaml file."
     path = Path(path)
     if not path.is_file(): raise LayerpruneError(f'run file {path} not found')
-    try: spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise LayerpruneError(f'{path} is not valid YAML: {e}') from e
+    try: spec = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError) as e: raise LayerpruneError(f'{path} is not valid YAML: {e}') from None
     if not isinstance(spec, dict) or not isinstance(spec.get('runs'), dict) or not spec['runs']:
         raise LayerpruneError(f"{path}: expected a top-level 'runs:' mapping of figure names to entries")
     for name, e in spec['runs'].items():
         if not isinstance(e, dict) or 'notebook' not in e:
             raise LayerpruneError(f"{path}: run {name!r} needs a 'notebook:' path")
+        if not isinstance(name, str) or not isinstance(e['notebook'], str) or not e['notebook'].strip():
+            raise LayerpruneError(f"{path}: run {name!r}: its name and its 'notebook:' path must be strings")
         for prof, sets in e.items():
             if prof in ('notebook', 'figure'): continue
-            if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets):
-                raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings')
+            if not isinstance(sets, list) or not all(isinstance(s, dict) and all(isinstance(k, str) for k in s) for s in sets):
+                raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings (name: value)')
     return spec
 
 # %% ../nbs/06_runner.ipynb #719bba34
@@ -50,8 +52,12 @@ def notebook_parameters(nb) -> dict:
     "The parameters a notebook's `parameters`-tagged cell declares (name -> default), via papermill."
     import papermill as pm
     nb = Path(nb)
-    if not nb.is_file(): raise LayerpruneError(f'notebook {nb} not found')
-    params = pm.inspect_notebook(str(nb))
+    try: found = nb.is_file()
+    except (OSError, ValueError): found = False
+    if not found: raise LayerpruneError(f'notebook {nb} not found')
+    if nb.suffix != '.ipynb': raise LayerpruneError(f'{nb} is not a notebook (.ipynb)')
+    try: params = pm.inspect_notebook(str(nb))
+    except Exception as e: raise LayerpruneError(f'{nb} is not a readable notebook: {type(e).__name__}: {e}') from None
     if not params: raise LayerpruneError(f"{nb} has no cell tagged 'parameters'")
     return {k: v.get('default') for k, v in params.items()}
 
@@ -94,8 +100,9 @@ def check_models(jobs:list[Job]):
     for j in jobs:
         m = str(j.params.get('model', ''))
         if not m: continue
-        ok = (m in EMBEDDED or (m.startswith('tiny:') and m[5:] in ARCHS) or m.endswith('.gguf')
-              or Path(m).is_dir() or _looks_like_hub_id(m))
+        try: is_dir = Path(m).is_dir()
+        except (OSError, ValueError): is_dir = False
+        ok = m in EMBEDDED or (m.startswith('tiny:') and m[5:] in ARCHS) or m.endswith('.gguf') or is_dir or _looks_like_hub_id(m)
         if not ok: raise LayerpruneError(f'{j.name}[{j.profile}]: model {m!r} is not an embedded name, tiny:<arch>, path or hub id')
 
 def execute(job:Job, # what to run
