@@ -208,7 +208,8 @@ def dataclass_args(cls, # a dataclass whose fields carry `metadata={'help': ...}
     hints, out = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         if not f.init: continue
-        t = _unoptional(hints[f.name])
+        t, st = _unoptional(hints[f.name]), SHARED.get(f.name, (None,))[0]
+        if isinstance(st, type) and isinstance(t, type) and issubclass(st, t): t = st   # a shared flag's checks (--seq-len >= 1)
         if choices and f.name in choices: t = Literal[tuple(choices[f.name])]
         d = f.default if f.default is not dataclasses.MISSING else None
         out.append(Arg(f.name, t, None, f.metadata.get('help', '') + (f' (default: {d})' if d is not None else ''), config=True))

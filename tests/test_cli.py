@@ -4,7 +4,7 @@ arguments and input files asserts that no run ends in a traceback."""
 import contextlib, io, json, os, shutil, tempfile, time
 from pathlib import Path
 import pytest, yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 import layerprune.models
 from layerprune.cli import build_parser, main
 from layerprune.models import tiny_model, tiny_tokenizer
@@ -243,6 +243,7 @@ def fuzz_once(pool, cmd, base, extra):
         os.chdir(d)
         try: code, out, err = run([cmd, *base, *extra])
         finally: os.chdir(cwd)
+        event(f'exit {code}')
         assert code in (0, 2), (cmd, extra, code, err)
         assert 'Traceback' not in err, err
         if code:
@@ -252,7 +253,7 @@ def fuzz_once(pool, cmd, base, extra):
     finally: shutil.rmtree(d, ignore_errors=True)
 
 
-FUZZ = settings(max_examples=int(os.environ.get('LAYERPRUNE_FUZZ_EXAMPLES', 12)), deadline=None, database=None,
+FUZZ = settings(max_examples=int(os.environ.get('LAYERPRUNE_FUZZ_EXAMPLES', 25)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
