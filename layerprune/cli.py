@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cli.ipynb #d11d7c45
 from __future__ import annotations
-import argparse, dataclasses, importlib, inspect, json, math, os, sys, types, typing
+import argparse, contextlib, dataclasses, importlib, inspect, json, math, os, sys, types, typing, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +14,7 @@ from .utils import LayerpruneError, check_output
 # %% auto #0
 __all__ = ['SHARED', 'CHECKS', 'COMMAND_MODULES', 'PosInt', 'NonNegInt', 'Seed', 'DType', 'ModelName', 'TextSource', 'InFile',
            'OutFile', 'OutDir', 'check_model', 'check_text', 'check_value', 'check_fits', 'Arg', 'fn_args',
-           'dataclass_args', 'check_args', 'add_command', 'build_parser', 'main']
+           'dataclass_args', 'check_args', 'quiet_libraries', 'add_command', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #3c0cfdab
 class PosInt(int): "A count or a size: an integer >= 1."
@@ -245,6 +245,21 @@ def check_args(args:list[Arg], # the command's arguments
     "Check every value against its annotation: numbers and choices first, then input files, models, outputs."
     for a in sorted(args, key=lambda a: CHECKS.get(a.type, (0,))[0]): check_value(a.type, vals.get(a.name), a.flag, vals)
 
+@contextlib.contextmanager
+def quiet_libraries(on:bool=True, # silence them (False: change nothing)
+                   ):
+    "Silence transformers' progress bars, library log messages below errors and Python warnings inside the block (`--quiet`)."
+    if not on: yield; return
+    import logging
+    from transformers.utils import logging as hf
+    level, bars, disabled = hf.get_verbosity(), hf.is_progress_bar_enabled(), logging.root.manager.disable
+    hf.set_verbosity_error(); hf.disable_progress_bar(); logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(): warnings.simplefilter('ignore'); yield
+    finally:
+        hf.set_verbosity(level); logging.disable(disabled)
+        if bars: hf.enable_progress_bar()
+
 def add_command(sub, # `add_subparsers()` result
                 name:str, # the sub-command
                 fn, # called as `fn(**values)` once every value has passed `check_args`
@@ -261,7 +276,7 @@ def add_command(sub, # `add_subparsers()` result
         check_args(args, vals)
         vals = {k: v for k, v in vals.items() if not (v is None and any(a.name == k and a.config for a in args))}
         pos = [vals.pop(a.name) for a in args if a.positional]
-        return fn(*pos, **vals)
+        with quiet_libraries(bool(vals.get('quiet'))): return fn(*pos, **vals)
     p.set_defaults(func=run, _args=args)
     return p
 
