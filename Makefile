@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow check-sync readme lab figures clean-runs
+.PHONY: install demo test test-slow check-sync readme lab figures clean-runs gpu-check
 
 $(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,11 @@ test: install
 # the slow notebook cells too (CI runs them only if time allows)
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow --skip_folder_re '^(paper|[_.])'
+
+# on a CUDA machine (~5-20 min): bf16 vs fp32 distances, measured vs planned GPU memory, then the GPU-marked tests
+gpu-check: install
+	$(PY) bench/gpu_check.py --json runs/gpu_check.json
+	$(BIN)/pytest -q -m gpu tests/test_gpu.py
 
 # README.md is generated from nbs/index.ipynb
 readme: install

@@ -248,16 +248,17 @@ def check_args(args:list[Arg], # the command's arguments
 @contextlib.contextmanager
 def quiet_libraries(on:bool=True, # silence them (False: change nothing)
                    ):
-    "Silence transformers' progress bars, library log messages below errors and Python warnings inside the block (`--quiet`)."
+    "Silence layerprune's and transformers' progress, library log messages below errors and Python warnings inside the block."
     if not on: yield; return
     import logging
     from transformers.utils import logging as hf
-    level, bars, disabled = hf.get_verbosity(), hf.is_progress_bar_enabled(), logging.root.manager.disable
-    hf.set_verbosity_error(); hf.disable_progress_bar(); logging.disable(logging.WARNING)
+    from layerprune import utils
+    level, bars, disabled, was = hf.get_verbosity(), hf.is_progress_bar_enabled(), logging.root.manager.disable, utils._QUIET[0]
+    hf.set_verbosity_error(); hf.disable_progress_bar(); logging.disable(logging.WARNING); utils.set_quiet(True)
     try:
         with warnings.catch_warnings(): warnings.simplefilter('ignore'); yield
     finally:
-        hf.set_verbosity(level); logging.disable(disabled)
+        hf.set_verbosity(level); logging.disable(disabled); utils.set_quiet(was)
         if bars: hf.enable_progress_bar()
 
 def add_command(sub, # `add_subparsers()` result
@@ -281,7 +282,7 @@ def add_command(sub, # `add_subparsers()` result
     return p
 
 # %% ../nbs/08_cli.ipynb #041c96dc
-COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner']
+COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan']
 
 def build_parser() -> argparse.ArgumentParser:
     "The `layerprune` argument parser with every available sub-command."

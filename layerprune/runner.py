@@ -45,6 +45,9 @@ def load_runs(path) -> dict:
             if prof in ('notebook', 'figure'): continue
             if not isinstance(sets, list) or not all(isinstance(s, dict) and all(isinstance(k, str) for k in s) for s in sets):
                 raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings (name: value)')
+    d = spec.get('defaults', {})   # per-profile settings for the runner and planner (gpu, dtype), not notebook parameters
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise LayerpruneError(f"{path}: 'defaults:' must map profile names to mappings (e.g. paper: {{gpu: A100-80GB}})")
     return spec
 
 # %% ../nbs/06_runner.ipynb #719bba34
@@ -93,7 +96,7 @@ def plan(spec:dict, # from `load_runs`
     if not jobs: raise LayerpruneError(f'nothing to run for profile {profile!r}' + (f' and model {model!r}' if model else ''))
     return jobs
 
-# %% ../nbs/06_runner.ipynb #edbda3cc
+# %% ../nbs/06_runner.ipynb #c27a8629
 def check_models(jobs:list[Job]):
     "Check that every job's `model` parameter names something `load_model` can take (hub ids by form only)."
     from layerprune.models import EMBEDDED, _looks_like_hub_id, ARCHS
@@ -111,13 +114,24 @@ def execute(job:Job, # what to run
             root:str|Path='.', # working directory of the notebook
             timeout:int|None=None, # per-cell timeout in seconds
             kernel:str='python3',
+            quiet:bool=False, # no progress: neither papermill's cell bar nor the notebook's progress lines
            ) -> Path:
-    "Execute one job with papermill; return the executed notebook's path."
-    import papermill as pm
+    "Execute one job with papermill, streaming the notebook's progress lines; return the executed notebook's path."
+    import papermill as pm, sys
     job.output.parent.mkdir(parents=True, exist_ok=True)
     params = dict(job.params, out_dir=str(out_dir), cache_dir=str(cache_dir))
-    pm.execute_notebook(str(job.notebook), str(job.output), parameters=params, kernel_name=kernel,
-                        cwd=str(root), execution_timeout=timeout, log_output=False, progress_bar=False)
+    # the kernel inherits this environment: its progress() prints plain lines, which papermill streams to our stderr
+    env = dict(LAYERPRUNE_PROGRESS='lines', LAYERPRUNE_QUIET='1' if quiet else '')
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        pm.execute_notebook(str(job.notebook), str(job.output), parameters=params, kernel_name=kernel, cwd=str(root),
+                            execution_timeout=timeout, progress_bar=not quiet and sys.stderr.isatty(),
+                            log_output=not quiet, stdout_file=None if quiet else sys.stdout, stderr_file=None if quiet else sys.stderr)
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     return job.output
 
 # %% ../nbs/06_runner.ipynb #eaff35dc
@@ -133,6 +147,8 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
              cache_dir:str='runs/cache', # cached intermediate results (relative to the run file's folder)
              runs_dir:str='runs', # where executed notebooks go (relative to the run file's folder)
              timeout:PosInt|None=None, # per-cell timeout (s)
+             gpu:str|None=None, # paper profile: the GPU the plan is checked against (default: the profile's defaults, else A100-80GB)
+             quiet=False, # no progress: neither papermill's cell bar nor the notebooks' progress lines
             ):
     "`layerprune run`: execute the paper notebooks of a run file with papermill."
     spec = load_runs(runs)
@@ -140,6 +156,10 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
     names = [s.strip() for s in only.split(',') if s.strip()] or None
     jobs = plan(spec, profile, names, model, root=root, runs_dir=root/runs_dir)
     check_models(jobs)
+    if profile == 'paper':   # refuse before any work if a job cannot fit the GPU (see `layerprune plan`)
+        from layerprune.plan import check_plan, not_fitting
+        msg = not_fitting(check_plan(spec, jobs, profile, gpu))
+        if msg: raise LayerpruneError(f'refusing to run: {msg}')
     for i, j in enumerate(jobs, 1): print(f'[{i}/{len(jobs)}] {j}')
     if prepare_only:
         print(f'{len(jobs)} run(s) of profile {profile!r} validated; nothing executed (--prepare-only)')
@@ -149,7 +169,7 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
     for i, j in enumerate(jobs, 1):
         t0 = time.time()
         print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model", "")}) ...', flush=True)
-        try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout)
+        try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout, quiet=quiet)
         except Exception as e:
             if type(e).__name__ == 'PapermillExecutionError':
                 raise LayerpruneError(f'{j.name} failed in {j.notebook} (see {j.output}): {e.ename}: {e.evalue}') from e

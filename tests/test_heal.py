@@ -1,9 +1,11 @@
 "Integration tests for layerprune.heal: real training on tiny models, real subprocesses (kill -9, torchrun/gloo)."
-import json, os, signal, subprocess, sys, time
+import json, os, pickle, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from torch import nn
-from layerprune.heal import HealConfig, heal, prepare, merge, block_loss
+from layerprune.heal import HealConfig, heal, prepare, merge
+from layerprune.hooks import layer_hooks
+from layerprune.loss import lm_loss
 from layerprune.models import tiny_model, tiny_tokenizer, decoder, load_model
 from layerprune.data import load_texts
 from layerprune.cli import main
@@ -42,6 +44,11 @@ def val(): return load_texts('wiki', 'validation', n=40)
 
 def small(**kw):
     return HealConfig(**{**dict(steps=6, warmup=1, lr=1e-2, batch_size=4, micro_batch=2, seq_len=32, rank=4), **kw})
+
+
+def block_loss(model, tok, texts, seq_len):
+    "Mean next-token loss (nats) over packed validation blocks."
+    return lm_loss(model, tok, texts, seq_len=seq_len, batch_size=4, packed=True, max_blocks=16)['nats']
 
 
 def snapshot(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -116,10 +123,9 @@ def test_healing_lowers_validation_loss(tok, train, val):
 
 
 def interface_mse(student, teacher, x, interface, n_removed):
-    from layerprune.heal import capture_input
     a, b = {}, {}
-    with torch.no_grad(), capture_input(decoder(student).layers[interface], a), \
-         capture_input(decoder(teacher).layers[interface + n_removed], b):
+    with torch.no_grad(), layer_hooks(student, pre=lambda i, h: a.__setitem__('h', h), pre_layers=[interface]), \
+         layer_hooks(teacher, pre=lambda i, h: b.__setitem__('h', h), pre_layers=[interface + n_removed]):
         student(input_ids=x, use_cache=False); teacher(input_ids=x, use_cache=False)
     return torch.nn.functional.mse_loss(a['h'], b['h']).item()
 
@@ -142,6 +148,9 @@ def _cli(args, **kw):
     return subprocess.run([sys.executable, '-m', 'layerprune.heal', *args], env=ENV, cwd=REPO, capture_output=True, text=True, **kw)
 
 
+def _no_nan(c): raise AssertionError(f'{c} in JSON')
+
+
 def _weights(d):
     from safetensors.torch import load_file
     return load_file(str(Path(d)/'model.safetensors'))
@@ -161,11 +170,111 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     p.send_signal(signal.SIGKILL); p.wait()
     assert p.returncode == -signal.SIGKILL and not (tmp_path/'b').exists()
     r = _cli(args + ['--out', str(tmp_path/'b')]); assert r.returncode == 2 and '--resume' in r.stderr
+    # what a kill in the middle of writing leaves: a half-written checkpoint folder and a half-written output folder
+    # (temporaries carry their writer's process id: here the killed one's)
+    for tmp in (ck/f'.step-0000012.{p.pid}.k1ll.tmp', tmp_path/f'.b.{p.pid}.k1ll.tmp'):
+        tmp.mkdir(); (tmp/'model.safetensors').write_bytes(b'\0' * 10)
     r = _cli(args + ['--out', str(tmp_path/'b'), '--resume']); assert r.returncode == 0, r.stderr
-    log_a, log_b = (json.loads((tmp_path/d/'heal_log.json').read_text()) for d in 'ab')
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'pruned']  # temporaries, checkpoints and lock gone
+    log_a, log_b = (json.loads((tmp_path/d/'heal_log.json').read_text(), parse_constant=_no_nan) for d in 'ab')
     assert log_b['resumed_from'] >= 8 and log_a['loss'] == log_b['loss']
     wa, wb = _weights(tmp_path/'a'), _weights(tmp_path/'b')
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _Stop(Exception): pass
+
+def stop_at(k):
+    "A `heal` callback that raises right after step `k` (after its checkpoint is written), as a kill would."
+    def cb(step, log):
+        if step == k: raise _Stop()
+    return cb
+
+
+class _Planted:
+    "A pickle that creates `marker` when loaded: what a planted file could do, harmlessly."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (open, (self.marker, 'w'))
+
+
+def test_planted_pickle_in_any_checkpoint_file_runs_no_code(tok, train, tmp_path):
+    cfg = small(method='lora', steps=4, save_every=2)
+    ref, _ = heal(pruned_tiny(), tok, cfg, train, progress=False)
+    with pytest.raises(_Stop): heal(pruned_tiny(), tok, cfg, train, tmp_path/'o', progress=False, callback=stop_at(2))
+    work = tmp_path/'o.checkpoints'
+    files = sorted((p for p in work.rglob('*') if p.is_file()), key=lambda p: (p.name == '.lock', str(p)))
+    assert [p.name for p in files] == ['optimizer.safetensors', 'rng.safetensors', 'state.json', 'trainable.safetensors', '.lock']
+    probe = tmp_path/'probe'; pickle.loads(pickle.dumps(_Planted(probe))); assert probe.exists()  # the pickle does run code
+    for f in files:
+        marker, good = tmp_path/f'marker-{f.name}', f.read_bytes()
+        f.write_bytes(pickle.dumps(_Planted(marker)))
+        try: healed, _ = heal(pruned_tiny(), tok, cfg, train, tmp_path/'o', resume=True, progress=False)
+        except LayerpruneError as e:
+            assert f.name != '.lock' and '\n' not in str(e) and 'delete it' in str(e), (f.name, e)
+            f.write_bytes(good)
+        else:  # only the lock file is never read: the run resumes and matches the uninterrupted one
+            assert f.name == '.lock'
+            assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), healed.state_dict().values()))
+        assert not marker.exists(), f.name
+    assert sorted(os.listdir(tmp_path)) == ['o', 'probe']
+
+
+def test_malformed_checkpoint_content_gives_one_line(tok, train, tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = small(method='partial', last_k=1, steps=4, save_every=2)
+    with pytest.raises(_Stop): heal(pruned_tiny(), tok, cfg, train, tmp_path/'o', progress=False, callback=stop_at(2))
+    ck = tmp_path/'o.checkpoints'/'step-0000002'
+    good = {f: (ck/f).read_bytes() for f in os.listdir(ck)}
+    st = json.loads(good['state.json']); tr = load_file(str(ck/'trainable.safetensors'))
+    op, rng = load_file(str(ck/'optimizer.safetensors')), load_file(str(ck/'rng.safetensors'))
+    name = next(iter(tr))
+    cases = {'state.json': [dict(st, step=3), dict(st, step='2'), dict(st, scheduler={**st['scheduler'], 'last_epoch': 1.5}),
+                            dict(st, python_rng=[3, [1] * 3, None]), dict(st, param_groups=[]), dict(st, format='x'),
+                            dict(st, log={**st['log'], 'loss': [1.0]})],
+             'trainable.safetensors': [{**tr, name: tr[name][:1]}, {k: v for k, v in tr.items() if k != name},
+                                       {**tr, name: tr[name].double()}],
+             'optimizer.safetensors': [{k: v for k, v in op.items() if k != '0.exp_avg'}, {**op, '0.exp_avg': op['0.exp_avg'][:1]},
+                                       {**op, '99.step': op['0.step'].clone()}, {**op, 'x': op['0.step'].clone()}],
+             'rng.safetensors': [{}, {'torch': rng['torch'].float()}, {**rng, 'other': rng['torch'].clone()}, {'torch': rng['torch'][:7]}]}
+    for f, bads in cases.items():
+        for bad in bads:
+            if f == 'state.json': (ck/f).write_text(json.dumps(bad))
+            else: save_file(bad, str(ck/f))
+            with pytest.raises(LayerpruneError) as e: heal(pruned_tiny(), tok, cfg, train, tmp_path/'o', resume=True, progress=False)
+            assert '\n' not in str(e.value) and str(ck) in str(e.value), e.value
+            (ck/f).write_bytes(good[f])
+    heal(pruned_tiny(), tok, cfg, train, tmp_path/'o', resume=True, progress=False)  # restored: resumes
+    assert sorted(os.listdir(tmp_path)) == ['o']
+
+
+def test_divergence_stops_saves_nothing_and_keeps_last_good_checkpoint(tok, train, tmp_path):
+    cfg = small(method='partial', last_k=1, steps=6, save_every=2)
+    m = pruned_tiny(tie=False)
+    def poison(step, log):  # right after step 2's checkpoint: step 3's loss is NaN
+        if step == 2:
+            with torch.no_grad(): m.lm_head.weight.fill_(float('nan'))
+    with pytest.raises(LayerpruneError, match=r'training diverged at step 3/6 \(loss nan') as e:
+        heal(m, tok, cfg, train, tmp_path/'o', progress=False, callback=poison)
+    assert 'step-0000002' in str(e.value) and '\n' not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ['o.checkpoints'] and sorted(os.listdir(tmp_path/'o.checkpoints')) == ['.lock', 'step-0000002']
+    healed, log = heal(pruned_tiny(tie=False), tok, cfg, train, tmp_path/'o', resume=True, progress=False)  # the kept one is good
+    ref, log_ref = heal(pruned_tiny(tie=False), tok, cfg, train, progress=False)
+    assert log['resumed_from'] == 2 and log['loss'] == log_ref['loss']
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), healed.state_dict().values()))
+
+
+def test_diverging_cli_run_exits_nonzero_with_nothing_saved(tmp_path, capsys):
+    pruned = pruned_tiny(); pruned.save_pretrained(tmp_path/'pruned'); tiny_tokenizer().save_pretrained(tmp_path/'pruned')
+    args = ['heal', '--model', str(tmp_path/'pruned'), '--method', 'partial', '--last-k', '1', '--steps', '6', '--warmup', '1',
+            '--seq-len', '32', '--batch-size', '4', '--max-texts', '200', '--save-every', '2', '--out', str(tmp_path/'o')]
+    assert main(args + ['--lr', '1e30']) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()  # progress lines, then the one error line (no traceback)
+    assert lines[-1].startswith('layerprune heal: error: training diverged at step') and 'Traceback' not in err, err
+    assert sorted(os.listdir(tmp_path)) == ['pruned']  # no model, no checkpoint folder (none was complete)
+    assert main(args + ['--lr', '1e-3']) == 0  # the same run with a sane learning rate: a finite log, valid JSON
+    log = json.loads((tmp_path/'o'/'heal_log.json').read_text(), parse_constant=_no_nan)
+    assert len(log['loss']) == 6 and log['distill_mse'] == [None] * 6
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
@@ -194,10 +303,14 @@ def test_bad_input_clear_error_nothing_written(tmp_path, capsys):
              (['--method', 'lora', '--steps', '0'], 'steps must be'),
              (['--method', 'lora', '--text', str(tmp_path/'leak.txt')], 'overlaps the validation split'),
              (['--method', 'lora', '--distill', '1'], '--teacher'),
-             (['--method', 'lora', '--text', str(tmp_path/'missing.txt')], 'not found')]
+             (['--method', 'lora', '--text', str(tmp_path/'missing.txt')], 'not found'),
+             (['--method', 'lora', '--lr', 'inf'], 'lr must be a finite number'),
+             (['--method', 'lora', '--lr', 'nan'], 'lr must be a finite number')]
     for extra, msg in cases:
         assert main(base + extra) == 2, extra
-        assert msg in capsys.readouterr().err, (extra, msg)
+        err = capsys.readouterr().err
+        errs = [l for l in err.splitlines() if l.startswith('layerprune heal: error:')]
+        assert len(errs) == 1 and msg in errs[0] and 'Traceback' not in err, (extra, msg, err)
         assert sorted(os.listdir(tmp_path)) == ['leak.txt', 'pruned'], extra
 
 
