@@ -255,7 +255,7 @@ def fuzz_once(pool, cmd, base, extra):
     finally: shutil.rmtree(d, ignore_errors=True)
 
 
-FUZZ = settings(max_examples=int(os.environ.get('LAYERPRUNE_FUZZ_EXAMPLES', 25)), deadline=None, database=None,
+FUZZ = settings(max_examples=int(os.environ.get('LAYERPRUNE_FUZZ_EXAMPLES', 20)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -307,3 +307,27 @@ def test_quiet_prints_nothing(tmp_path):
     assert code == 0 and out == '' and err == '' and json.loads((tmp_path/'d.json').read_text())['num_samples'] == 2
     code, out, err = run(argv)
     assert code == 0 and 'drop layers [' in out and '(0-based, half-open)' in out
+
+
+HEAL = ['--model', 'tiny:llama', '--method', 'lora', '--rank', '2', '--steps', '1', '--seq-len', '16', '--batch-size', '2',
+        '--text', 'good.txt', '--quiet', '--out', 'o/h']
+
+
+def test_heal_bad_inputs_one_line_before_loading(pool, tmp_path, monkeypatch):
+    _no_loading(monkeypatch)
+    for extra, msg in [(['--out', pool/'afile'/'h'], 'is not a directory'), (['--model', pool/'m_cfgonly'], 'has no tokenizer'),
+                       (['--text', pool/'binary.txt'], 'cannot read'), (['--lr', 'nan'], 'must be a finite number'),
+                       (['--seq-len', '0'], '--seq-len must be >= 1'), (['--schedule', 'cyclic'], "invalid choice: 'cyclic'"),
+                       (['--teacher', 'nope', '--distill', '1', '--interface', '2'], '--teacher: unknown model')]:
+        code, _, err = run(['heal', *[pool/a if a == 'good.txt' else a for a in HEAL[:-1]], tmp_path/'h', *extra])
+        assert code == 2 and msg in one_line('heal', err), (extra, err)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    code, _, err = run(['heal', *[pool/a if a == 'good.txt' else a for a in HEAL[:-1]], tmp_path/'h', '--rank', str(2**40)])
+    assert code == 2 and 'exceeds the hidden size' in one_line('heal', err) and list(tmp_path.iterdir()) == []
+
+
+@FUZZ
+@given(extra=mutations('heal', exclude=('--steps', '--save-every')))
+def test_fuzz_heal(pool, extra):
+    fuzz_once(pool, 'heal', HEAL, extra)

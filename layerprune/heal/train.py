@@ -453,6 +453,9 @@ def _cli_heal(*, model:ModelName, # the pruned model: a folder (or any name `loa
         raise LayerpruneError('--distill needs --teacher (the unpruned model) and --interface')
     texts = load_texts(text, 'train', max_texts)
     m, tok = load_model(model, device='cpu' if not torch.cuda.is_available() else None, trust_remote_code=trust_remote_code)
+    h = getattr(m.config, 'hidden_size', None)
+    if cfg.method != 'partial' and isinstance(h, int) and cfg.rank > h:
+        raise LayerpruneError(f'--rank {cfg.rank} exceeds the hidden size of the model ({h}): a LoRA rank that large adds nothing')
     t = load_model(teacher, trust_remote_code=trust_remote_code)[0] if cfg.distill > 0 else None
     _, log = heal(m, tok, cfg, texts, out, teacher=t, interface=interface, resume=resume, overwrite=overwrite,
                   progress=not quiet)
