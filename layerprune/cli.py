@@ -27,11 +27,13 @@ class InFile(str): "A file that must exist."
 class OutFile(str): "A file the command writes (checked with `check_output`; kept unless --overwrite if the command has it)."
 class OutDir(str): "A folder the command writes (checked with `check_output`: refused if it is not empty, unless --overwrite)."
 
-# %% ../nbs/08_cli.ipynb #00e8c65f
+# %% ../nbs/08_cli.ipynb #1f7d7123
+from .models import QUANTIZATIONS
+
 SHARED = {
     'model': (ModelName, "embedded name ('smollm2-135m', 'gemma3-270m'), tiny:<arch>, local model folder, .gguf file or hub id"),
     'dtype': (DType, "weights dtype: float32, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on the CPU)"),
-    'quantization': (Literal['none', 'nf4', 'int8'], 'load the weights quantized with bitsandbytes (4-bit NF4 or 8-bit)'),
+    'quantization': (Literal[QUANTIZATIONS], 'load the weights quantized with bitsandbytes (4-bit NF4 or 8-bit)'),
     'trust_remote_code': (bool, "run the model's own code from the hub: only for models you trust"),
     'out': (OutFile, 'where to write the result'),
     'overwrite': (bool, 'replace existing outputs'),
