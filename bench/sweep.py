@@ -1,104 +1,191 @@
-"""Benchmark: the normalised loss for every block size n with virtual pruning vs copying / reloading the model per n.
+"""Benchmark: a pruning sweep evaluated with the shared prefix (`layerprune.sweep`) vs one evaluation per variant.
 
-For each n on a grid over 0..L-1 the same layers (`--strategy`, default Lu et al.'s reverse order) are removed three ways:
-  virtual  `layerprune.prune.skip_layers(model, layers)`: no weights copied, the model restored on exit
-  copy     `copy.deepcopy(model)` + `drop_layers` (what a script without virtual pruning does), freed after use
-  reload   `load_model(name)` again + `drop_layers` (the PruneMe / mergekit way: one pruned checkpoint per n)
-and the normalised loss (`layerprune.evaluate.lm_loss`) is computed on the same held-out texts. All three give the same loss (checked). Per n it prints time and peak memory
-above the loaded model (CUDA max-allocated on a GPU, else sampled RSS after returning freed memory to the OS), and
-  time   copy / virtual, reload / virtual   (summed over the grid)
-  memory virtual: max over n / n = 0      goal: flat (<= 1.10, i.e. no weights are copied at any n)
-  memory copy / virtual at n = 0          (the extra weights copy the virtual sweep avoids)
-Absolute times are indicative only on a shared machine; the ratios are measured side by side in one run.
+The plan is the paper's kind of grid: fractions x strategies (default 8 fractions 0.0-0.7 x similarity, deepest, reverse;
+n = round(fraction * L) layers removed, 0-based blocks). Both ways evaluate the same distinct variants:
+  loss     `sweep_loss` (all variants, one pass per batch)  vs  `lm_loss` under `skip_layers` per variant
+  lm-eval  `evaluate_variants` (one shared pass per request batch)  vs  `evaluate_tasks` under `skip_layers` per variant
+Interleaving: the loss texts are split into chunks of one batch; each chunk runs both ways, the order alternating
+(ABBA); the lm-eval per-variant runs are split in two halves with the shared run between them. Results must be equal:
+it prints the max relative loss difference and whether every accuracy is identical. It prints
+  shared-prefix / per-variant time ratio = X        (loss sweep, summed over chunks)
+  ideal = Y                                          (FLOP counts of the same plan: layers + head, per token)
+  lm-eval shared-prefix / per-variant time ratio = X
+  lm-eval ideal = Y
+and the ideal ratios for the paper's grids on Llama-2-70B's config (80 layers, hidden 8192, intermediate 28672,
+64 heads, 8 KV heads, vocab 32000; seq_len 2048). FLOPs per token: a layer 2 x its matmul parameters + attention
+4 x (mean attended length) x hidden; the head 2 x hidden x vocab, at the positions where it runs (per-variant loss
+and the shared pass: the read positions; per-variant lm-eval (HFLM): every position).
 
-  python bench/sweep.py [--model smollm2-135m] [--step 6] [--samples 4] [--seq-len 64] [--json OUT]
+  python bench/sweep.py [--model smollm2-135m] [--samples 16] [--seq-len 128] [--limit 50] [--json OUT]
+  python bench/sweep.py --smoke      # tiny:llama, seconds (tests/test_bench.py)
 """
-import argparse, copy, ctypes, gc, json, sys
+import argparse, json, os, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, timed, machine
+from _common import timed, machine
+import layerprune.sweep as S
 from layerprune.models import load_model, decoder
 from layerprune.data import load_texts
-from layerprune.prune import skip_layers, drop_layers, select_layers
+from layerprune.prune import skip_layers, select_layers
+from layerprune.evaluate import evaluate_tasks
+from layerprune.loss import lm_loss, output_vocab_size
 
-from layerprune.loss import lm_loss
-LOSS = 'layerprune.evaluate.lm_loss (normalized: nats / ln V)'
+def load(): return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
-def loss_fn(model, tok, texts, seq_len, bs): return lm_loss(model, tok, texts, seq_len, bs)['normalized']
+def layer_flops(H, I, heads, kv_heads, ctx, head_dim=None):
+    "FLOPs per token of one llama-style decoder layer attending to `ctx` tokens on average."
+    d = head_dim or H // heads
+    params = H * heads * d * 2 + H * kv_heads * d * 2 + 3 * H * I
+    return 2 * params + 4 * ctx * heads * d
 
-def release():
-    "Free what Python/torch no longer uses and hand freed heap back to the OS, so the next RSS delta starts clean."
-    gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
-    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except OSError: pass
+def ideal(variants, L, c_layer, c_head, read_shared, read_per):
+    "Shared-prefix / per-variant FLOPs of the distinct `variants` (head at a fraction `read_*` of the positions)."
+    vs = list(dict.fromkeys(S.check_variants(variants, L)))
+    cost = S.plan_cost(S.build_trie(vs, L))
+    shared = cost['layers'] * c_layer + cost['heads'] * c_head * read_shared
+    per = sum((L - len(v)) * c_layer + c_head * read_per for v in vs)
+    return shared / per
 
+def grid(model, tok, L, fractions, strategies, calib, seq_len, bs):
+    dist = None
+    out = []
+    for s in strategies:
+        for f in fractions:
+            n = round(f * L)
+            if n == 0: out.append(dict(strategy=s, fraction=f, n=0, layers=[])); continue
+            kw = {}
+            if s == 'similarity':
+                if dist is None:
+                    from layerprune.distance import angular_distances
+                    dist = angular_distances(model, tok, calib, seq_len=seq_len, batch_size=bs)
+                kw = dict(tokenizer=tok, texts=calib, distances=dist)
+            out.append(dict(strategy=s, fraction=f, n=n, layers=select_layers(model, n, s, **kw)))
+    return out
+
+def llama70b_ideals(read_cont):
+    "Ideal ratios on Llama-2-70B's config for the paper's grids (similarity blocks assumed deep: [L-n-2, L-2))."
+    L, H, I, V = 80, 8192, 28672, 32000
+    c_l, c_h = layer_flops(H, I, 64, 8, (2048 + 1) / 2), 2 * H * V
+    sim = lambda n: list(range(L - n - 2, L - 2))
+    deep = lambda n: list(range(L - n - 1, L - 1))
+    rev = lambda n: list(range(L - n, L))
+    ns = lambda fr: [round(f * L) for f in fr]
+    fig2 = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    loss16 = [i * 0.05 for i in range(16)]
+    def vs(fns, fr): return [f(n) if n else [] for f in fns for n in ns(fr)]
+    return {
+        'fig2 (similarity, deepest x 0.0-0.7) loss': ideal(vs([sim, deep], fig2), L, c_l, c_h, 1, 1),
+        'fig2 (similarity, deepest x 0.0-0.7) lm-eval': ideal(vs([sim, deep], fig2), L, c_l, c_h, read_cont, 1),
+        'unhealed loss (deepest, reverse x 0.0-0.75 step 0.05) loss': ideal(vs([deep, rev], loss16), L, c_l, c_h, 1, 1),
+        'this plan (similarity, deepest, reverse x 0.0-0.7) loss': ideal(vs([sim, deep, rev], fig2), L, c_l, c_h, 1, 1),
+    }
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='smollm2-135m'); p.add_argument('--samples', type=int, default=4)
-    p.add_argument('--seq-len', type=int, default=64); p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--step', type=int, default=6, help='grid step over n (1 = every n = 0..L-1; L-1 is always included)')
-    p.add_argument('--strategy', default='reverse', choices=['reverse', 'deepest'])
-    p.add_argument('--no-reload', action='store_true', help='skip the reload-per-n approach')
-    p.add_argument('--device', default=None, help='default: cuda if available, else cpu'); p.add_argument('--json', default=None)
-    args = p.parse_args()
+    p.add_argument('--model', default='smollm2-135m'); p.add_argument('--samples', type=int, default=16)
+    p.add_argument('--seq-len', type=int, default=128); p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--fractions', default='0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7')
+    p.add_argument('--strategies', default='similarity,deepest,reverse')
+    p.add_argument('--calib-samples', type=int, default=32, help="similarity: distance documents (wiki train split)")
+    p.add_argument('--task', default='arc_easy'); p.add_argument('--limit', type=int, default=50)
+    p.add_argument('--no-lm-eval', action='store_true'); p.add_argument('--no-loss', action='store_true')
+    p.add_argument('--per-variant-sample', type=int, default=None,
+                   help='lm-eval: time the per-variant way on only K of the distinct variants (chosen evenly from the list '
+                        'sorted by kept layers) and scale its time by (distinct / K); equality is checked on those K')
+    p.add_argument('--smoke', action='store_true', help='tiny:llama with the tiniest sizes (seconds)')
+    p.add_argument('--device', default=None); p.add_argument('--json', default=None)
+    a = p.parse_args()
+    if a.smoke: a.model, a.samples, a.seq_len, a.batch_size, a.calib_samples, a.limit, a.fractions = 'tiny:llama', 4, 16, 2, 4, 2, '0.0,0.5'
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(a.model, device=a.device)
     dev = next(model.parameters()).device; L = decoder(model).num_layers
-    texts = load_texts('wiki', 'validation', args.samples)
-    grid = sorted(set(range(0, L, max(1, args.step))) | {L - 1})
-    modes = ['virtual', 'copy'] + ([] if args.no_reload else ['reload'])
-    print(f'# {args.model} (L={L}) on {machine()}; n in {grid}, {args.strategy} order; '
-          f'{args.samples} samples x <= {args.seq_len} tokens; loss: {LOSS}')
-    loss_fn(model, tok, texts[:1], 16, 1)   # warm up kernels and allocator
+    texts = load_texts('wiki', 'validation', a.samples)
+    calib = load_texts('wiki', 'train', a.calib_samples)
+    fr = [float(x) for x in a.fractions.split(',')]; strategies = a.strategies.split(',')
+    print(f'# {a.model} (L={L}) on {machine()}; load average {load()} (1/5/15 min; a shared machine); '
+          f'fractions {fr} x {strategies}; loss: {a.samples} docs x <= {a.seq_len} tokens, batch {a.batch_size}; '
+          f'lm-eval: {a.task}, {a.limit} items')
+    plan = grid(model, tok, L, fr, strategies, calib, a.seq_len, a.batch_size)
+    variants = [r['layers'] for r in plan]
+    distinct = [list(v) for v in dict.fromkeys(tuple(v) for v in variants)]
+    cost = S.plan_cost(S.build_trie(S.check_variants(distinct, L), L))
+    print(f'plan: {len(variants)} variants, {len(distinct)} distinct; shared pass per token: {cost["layers"]} layer '
+          f'applications + {cost["heads"]} heads, per-variant: {sum(L - len(v) for v in distinct)} layers + {len(distinct)} heads')
+    for r in plan: print(f'  {r["strategy"]:>10} {r["fraction"]:.2f} n={r["n"]:>2}: ' + (f'[{r["layers"][0]}, {r["layers"][-1] + 1})'
+                         if r['layers'] and r['layers'] == list(range(r['layers'][0], r['layers'][-1] + 1)) else str(r['layers'])))
+    lm_loss(model, tok, texts[:1], 16, 1); S.sweep_loss(model, tok, texts[:1], distinct, 16, 1)  # warm-up
 
-    def run(mode, layers):
-        if mode == 'virtual':
-            with skip_layers(model, layers) as m: return loss_fn(m, tok, texts, args.seq_len, args.batch_size)
-        if mode == 'copy': m = copy.deepcopy(model)
-        else: m = load_model(args.model, device=args.device)[0]
-        if layers: drop_layers(m, layers)
-        try: return loss_fn(m, tok, texts, args.seq_len, args.batch_size)
-        finally: del m
+    # loss: chunks of one batch, ABBA order
+    chunks = [] if a.no_loss else [texts[i:i + a.batch_size] for i in range(0, len(texts), a.batch_size)]
+    t_sh = t_per = 0.0; diff = 0.0; read = tok_n = 0
+    for i, ch in enumerate(chunks):
+        def shared(): return S.sweep_loss(model, tok, ch, distinct, a.seq_len, a.batch_size)
+        def per():
+            out = []
+            for v in distinct:
+                with skip_layers(model, v): out.append(lm_loss(model, tok, ch, a.seq_len, a.batch_size))
+            return out
+        for which in ((shared, per) if i % 2 == 0 else (per, shared)):
+            t, res = timed(which, dev)
+            if which is shared: t_sh += t; rs = res
+            else: t_per += t; rp = res
+        diff = max([diff] + [abs(x['nats'] - y['nats']) / abs(y['nats']) for x, y in zip(rs, rp)])
+        read += rs[0]['tokens']; tok_n += sum(min(len(x), a.seq_len) for x in tok(ch)['input_ids'])
+        print(f'  loss chunk {i + 1}/{len(chunks)}: shared {t_sh:.1f}s, per-variant {t_per:.1f}s so far; load {load()}', flush=True)
+    H, V = model.config.hidden_size, output_vocab_size(model)
+    heads, kvh = model.config.num_attention_heads, getattr(model.config, 'num_key_value_heads', model.config.num_attention_heads)
+    hd = getattr(model.config, 'head_dim', None) or H // heads
+    c_head = 2 * H * V
+    c_layer_of = lambda ctx: layer_flops(H, model.config.intermediate_size, heads, kvh, ctx, hd)
+    res = dict(model=a.model, L=L, machine=machine(), plan=plan, distinct=distinct, plan_cost=cost)
+    if chunks:
+        c_l = c_layer_of((tok_n / len(texts) + 1) / 2)
+        y_loss = ideal(distinct, L, c_l, c_head, read / tok_n, read / tok_n)
+        res['loss'] = dict(shared_s=t_sh, per_variant_s=t_per, ratio=t_sh / t_per, ideal=y_loss, max_rel_diff=diff,
+                           chunks=len(chunks), samples=a.samples, seq_len=a.seq_len)
+        print(f'loss: max relative difference shared vs per-variant = {diff:.2e} (over {len(distinct)} variants)')
+        print(f'shared-prefix / per-variant time ratio = {t_sh / t_per:.3f}  ({t_sh:.1f}s vs {t_per:.1f}s)')
+        print(f'ideal = {y_loss:.3f}')
 
-    rows = []
-    print(f'{"n":>3} {"layers removed (0-based, half-open)":>36} {"loss":>7} ' + ' '.join(f'{m + " s":>9}' for m in modes)
-          + ' ' + ' '.join(f'{m + " MB":>10}' for m in modes))
-    for n in grid:
-        layers = select_layers(model, n, args.strategy) if n else []
-        row = dict(n=n, layers=layers)
-        for mode in modes:
-            release()
-            with PeakMemory(dev) as pm: t, loss = timed(lambda: run(mode, layers), dev)
-            row[mode] = dict(seconds=t, peak_mb=pm.delta / 2**20, loss=loss)
-        release()
-        row['loss'] = row['virtual']['loss']
-        rows.append(row)
-        rng = f'[{layers[0]}, {layers[-1] + 1})' if layers else '-'
-        print(f'{n:>3} {rng:>36} {row["loss"]:7.4f} ' + ' '.join(f'{row[m]["seconds"]:9.2f}' for m in modes)
-              + ' ' + ' '.join(f'{row[m]["peak_mb"]:10.0f}' for m in modes), flush=True)
-
-    diff = max(abs(r[m]['loss'] - r['loss']) for r in rows for m in modes)
-    tot = {m: sum(r[m]['seconds'] for r in rows) for m in modes}
-    vmem = [r['virtual']['peak_mb'] for r in rows]
-    res = dict(model=args.model, L=L, grid=grid, strategy=args.strategy, samples=args.samples, seq_len=args.seq_len,
-               loss=LOSS, machine=machine(), rows=rows, total_s=tot, max_loss_diff=diff,
-               time_ratio_copy=tot['copy'] / tot['virtual'],
-               virtual_memory_flatness=max(vmem) / max(vmem[0], 1.0),
-               copy_memory_ratio=rows[0]['copy']['peak_mb'] / max(rows[0]['virtual']['peak_mb'], 1.0))
-    print(f'loss   identical across approaches: max |difference| = {diff:.2e}')
-    print(f'time   copy / virtual (sum over {len(grid)} n)     = {res["time_ratio_copy"]:.2f}x  '
-          f'({tot["copy"]:.1f}s vs {tot["virtual"]:.1f}s)')
-    if 'reload' in modes:
-        res['time_ratio_reload'] = tot['reload'] / tot['virtual']
-        print(f'time   reload / virtual (sum over {len(grid)} n)   = {res["time_ratio_reload"]:.2f}x  ({tot["reload"]:.1f}s)')
-    print(f'memory virtual peak, max over n / n=0      = {res["virtual_memory_flatness"]:.2f}  (goal: flat <= 1.10; '
-          f'{min(vmem):.0f}..{max(vmem):.0f} MB above the loaded model)')
-    print(f'memory copy / virtual peak at n=0          = {res["copy_memory_ratio"]:.2f}x  '
-          f'({rows[0]["copy"]["peak_mb"]:.0f} MB vs {rows[0]["virtual"]["peak_mb"]:.0f} MB)')
-    if args.json: Path(args.json).write_text(json.dumps(res, indent=1))
+    read_cont = 1.0
+    if not a.no_lm_eval:
+        seen = []; orig = S.sweep_loglikelihoods
+        def spy(m, reqs, *x, **k): seen.extend(reqs); return orig(m, reqs, *x, **k)
+        S.sweep_loglikelihoods = spy
+        K = len(distinct) if a.per_variant_sample is None else max(1, min(a.per_variant_sample, len(distinct)))
+        by_kept = sorted(distinct, key=len)
+        sample = [by_kept[int((i + 0.5) * len(distinct) / K)] for i in range(K)]
+        sample = sample[0::2] + sample[1::2]   # both halves span the range of kept layers
+        half = (K + 1) // 2; per_res = {}
+        def per_run(vs):
+            for v in vs:
+                with skip_layers(model, v): per_res[tuple(v)] = evaluate_tasks(model, tok, [a.task], limit=a.limit, batch_size=a.batch_size)
+        print(f'  lm-eval: load {load()}', flush=True)
+        t1, _ = timed(lambda: per_run(sample[:half]), dev); print(f'  lm-eval per-variant first half {t1:.1f}s; load {load()}', flush=True)
+        t2, sh = timed(lambda: S.evaluate_variants(model, tok, distinct, [a.task], limit=a.limit, batch_size=a.batch_size), dev)
+        print(f'  lm-eval shared {t2:.1f}s; load {load()}', flush=True)
+        t3, _ = timed(lambda: per_run(sample[half:]), dev); print(f'  lm-eval per-variant second half {t3:.1f}s; load {load()}', flush=True)
+        S.sweep_loglikelihoods = orig
+        scale = len(distinct) / K; t_pv = (t1 + t3) * scale
+        same = sum(sh[i] == per_res[tuple(v)] for i, v in enumerate(distinct) if tuple(v) in per_res)
+        cont = sum(len(x) for _, x in seen); tot = sum(min(len(c) + len(x) - 1, 2048) for c, x in seen)
+        read_cont = cont / tot
+        y_lm = ideal(distinct, L, c_layer_of((tot / len(seen) + 1) / 2), c_head, read_cont, 1.0)
+        accs = [(v, sh[i][a.task]['acc'], per_res[tuple(v)][a.task]['acc'] if tuple(v) in per_res else None) for i, v in enumerate(distinct)]
+        res['lm_eval'] = dict(task=a.task, limit=a.limit, shared_s=t2, per_variant_s=t_pv, ratio=t2 / t_pv, ideal=y_lm,
+                              identical=same, compared=K, variants=len(distinct), per_variant_measured=[list(v) for v in sample],
+                              per_variant_measured_s=t1 + t3, continuation_fraction=read_cont, accs=accs)
+        est = '' if K == len(distinct) else f'; per-variant time measured on {K} of {len(distinct)} variants, x{scale:.2f}'
+        print(f'lm-eval: results identical for {same} of {K} variants compared (acc, acc_norm, stderr); '
+              f'continuation tokens = {read_cont:.3f} of the positions')
+        print(f'lm-eval shared-prefix / per-variant time ratio = {t2 / t_pv:.3f}  ({t2:.1f}s vs {t_pv:.1f}s{est})')
+        print(f'lm-eval ideal = {y_lm:.3f}')
+    res['llama2_70b_ideal'] = llama70b_ideals(read_cont)
+    for k, v in res['llama2_70b_ideal'].items(): print(f'Llama-2-70B ideal, {k} = {v:.3f}')
+    print(f'  (70B: seq_len 2048; lm-eval continuation fraction {read_cont:.3f} as measured here; similarity blocks assumed [L-n-2, L-2))')
+    res['load_end'] = load(); print(f'load average at the end {load()}')
+    if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == '__main__': main()

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from .utils import LayerpruneError, atomic_write_json, cached_json, slug
-from .models import decoder
+from .models import decoder, resolve_dtype, QUANTIZATIONS
 from .hooks import layer_hooks
 from .data import batches, last_token_index, load_texts
 
 # %% auto #0
-__all__ = ['capture_states', 'angular', 'DistanceResult', 'angular_distances', 'distances_for', 'add_cli']
+__all__ = ['capture_states', 'angular', 'DistanceResult', 'check_precision', 'angular_distances', 'distances_for', 'add_cli']
 
 # %% ../nbs/02_distance.ipynb #34f99617
 @contextlib.contextmanager
@@ -99,25 +99,54 @@ class DistanceResult:
             for l, (v, s) in enumerate(zip(row, srow)): mean[l, l+n] = mean[l+n, l] = v; sem[l, l+n] = sem[l+n, l] = s
         return cls(d['model'], L, d['num_samples'], d['seq_len'], mean, sem, d.get('tokens', 'last'), d.get('text', ''))
 
-# %% ../nbs/02_distance.ipynb #67a56b03
-def angular_distances(model, # a causal LM
-                      tokenizer, # its tokenizer (with a pad token)
-                      texts:list[str], # one sample per document
-                      seq_len:int=512, # truncate each document to this many tokens
-                      batch_size:int=8, # documents per forward pass
-                      all_tokens:bool=False, # average over every non-pad token instead of the last one
-                      padding_side:str|None=None, # 'left'/'right' (results do not depend on it)
-                      progress:bool=False, # show a tqdm bar
-                      name:str='', # model name recorded in the result
-                      text:str='', # text source recorded in the result
-                     ) -> DistanceResult:
-    "Angular distance between every pair of layer inputs x^(i), x^(j), one forward pass per batch."
-    if seq_len < 1: raise LayerpruneError(f'seq_len must be >= 1, got {seq_len}')
-    if batch_size < 1: raise LayerpruneError(f'batch_size must be >= 1, got {batch_size}')
-    if not texts: raise LayerpruneError('no texts to measure distances on')
+# %% ../nbs/02_distance.ipynb #8d641337
+class _Accumulator:
+    "Running sums of per-sample distance matrices [B, L+1, L+1] (float64), in the order they are added."
+    def __init__(self, L): self.L, self.tot, self.tot2, self.count = L, torch.zeros(L+1, L+1, dtype=torch.float64), torch.zeros(L+1, L+1, dtype=torch.float64), 0
+    def add(self, d:torch.Tensor):
+        d = d.cpu(); self.tot += d.sum(0); self.tot2 += (d**2).sum(0); self.count += d.shape[0]
+    def result(self, name:str, seq_len:int, tokens:str, text:str) -> DistanceResult:
+        n = self.count
+        if n == 0: raise LayerpruneError('all texts were empty after tokenisation')
+        mean = self.tot / n
+        var = (self.tot2 / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
+        sem = (var / n).sqrt() if n > 1 else torch.zeros_like(mean)
+        return DistanceResult(name, self.L, n, seq_len, mean.numpy(), sem.numpy(), tokens, text)
+
+# %% ../nbs/02_distance.ipynb #51251aa4
+def check_precision(dtype=None, # None (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16' or a torch dtype
+                    quantization:str|None='none', # 'none', 'nf4' or 'int8' (bitsandbytes, at load time)
+                    device:str|None=None, # where the model will run (for the default dtype)
+                   ) -> tuple[torch.dtype, str]:
+    "Validate a (dtype, quantization) pair before any work; return the torch dtype and the quantization name."
+    q = quantization or 'none'
+    if q not in QUANTIZATIONS: raise LayerpruneError(f'quantization must be one of {", ".join(QUANTIZATIONS)}, got {quantization!r}')
+    return resolve_dtype(dtype, device), q
+
+# %% ../nbs/02_distance.ipynb #fe736011
+def _model_quantization(model) -> str:
+    "'nf4', 'int8' or 'none': how a loaded model's weights were quantised (bitsandbytes)."
+    q = getattr(model.config, 'quantization_config', None)
+    if q is None: return 'none'
+    get = (lambda k: q.get(k)) if isinstance(q, dict) else (lambda k: getattr(q, k, None))
+    if get('load_in_4bit'): return get('bnb_4bit_quant_type') or 'nf4'
+    return 'int8' if get('load_in_8bit') else 'none'
+
+def _load_for_distances(name, dtype, quantization, device):
+    "Load a model by name in `dtype` (and `quantization`) with `load_model`; refuse what it could not honour."
+    from layerprune.models import load_model
+    model, tok = load_model(str(name), dtype=dtype, device=device, quantization=quantization)
+    if quantization == 'none' and model.dtype != dtype: model.to(dtype)
+    if _model_quantization(model) != quantization:
+        raise LayerpruneError(f'{name} cannot be loaded with quantization {quantization!r} (tiny models are built in memory)')
+    return model, tok
+
+# %% ../nbs/02_distance.ipynb #94e9a6b4
+def _in_memory(model, tokenizer, texts, seq_len, batch_size, all_tokens, padding_side, progress, name, text) -> DistanceResult:
+    "The in-memory pass: hooks capture every layer's input during one backbone forward per batch."
     L = decoder(model).num_layers
     dev = next(model.parameters()).device
-    tot = torch.zeros(L+1, L+1, dtype=torch.float64); tot2 = torch.zeros_like(tot); count = 0
+    acc = _Accumulator(L)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -131,20 +160,57 @@ def angular_distances(model, # a causal LM
             select = lambda h: h[torch.arange(h.shape[0], device=h.device), idx].detach().float()
         with torch.inference_mode(), capture_states(model, select) as xs: _forward_backbone(model, batch)
         if len(xs) != L + 1: raise RuntimeError(f'captured {len(xs)} states, expected {L+1}')
-        if all_tokens:
-            m = mask.bool()
-            # per sample: [L+1, T_b, d] -> per-token distance matrices [T_b, L+1, L+1] -> mean over its tokens
-            d = torch.stack([_pairwise(torch.stack([x[b][m[b]] for x in xs])).mean(0) for b in range(mask.shape[0])])
-        else: d = _pairwise(torch.stack(xs))
-        d = d.cpu(); tot += d.sum(0); tot2 += (d**2).sum(0); count += d.shape[0]
-        if bar: bar.update(d.shape[0])
+        acc.add(_batch_distances(xs, mask, all_tokens))
+        if bar: bar.update(mask.shape[0])
     if bar: bar.close()
-    if count == 0: raise LayerpruneError('all texts were empty after tokenisation')
-    mean = tot / count
-    var = (tot2 / count - mean**2).clamp_min(0) * count / max(count - 1, 1)
-    sem = (var / count).sqrt() if count > 1 else torch.zeros_like(mean)
-    return DistanceResult(name or getattr(model.config, '_name_or_path', ''), L, count, seq_len, mean.numpy(), sem.numpy(),
-                          'all' if all_tokens else 'last', text)
+    return acc.result(name or getattr(model.config, '_name_or_path', ''), seq_len, 'all' if all_tokens else 'last', text)
+
+def _batch_distances(xs, mask, all_tokens) -> torch.Tensor:
+    "Per-sample distance matrices [B, L+1, L+1] from the L+1 selected states of one batch."
+    if not all_tokens: return _pairwise(torch.stack(xs))
+    m = mask.bool()
+    # per sample: [L+1, T_b, d] -> per-token distance matrices [T_b, L+1, L+1] -> mean over its tokens
+    return torch.stack([_pairwise(torch.stack([x[b][m[b]] for x in xs])).mean(0) for b in range(mask.shape[0])])
+
+# %% ../nbs/02_distance.ipynb #0f170783
+def angular_distances(model, # a loaded causal LM, or anything `load_model` takes (loaded here, or streamed)
+                      tokenizer, # its tokenizer (with a pad token); None: the named model's own
+                      texts:list[str], # one sample per document
+                      seq_len:int=512, # truncate each document to this many tokens
+                      batch_size:int=8, # documents per forward pass
+                      all_tokens:bool=False, # average over every non-pad token instead of the last one
+                      padding_side:str|None=None, # 'left'/'right' (results do not depend on it)
+                      progress:bool=False, # show a tqdm bar
+                      name:str='', # model name recorded in the result
+                      text:str='', # text source recorded in the result
+                      dtype=None, # 'float32'/'bfloat16'/'float16' states (None: bf16 on CUDA, fp32 on CPU; a loaded model: as it is)
+                      quantization:str|None=None, # 'none'/'nf4'/'int8' (bitsandbytes) when the model is loaded here
+                      streamed:bool=False, # read one decoder layer at a time from the safetensors files (`layerprune.streamed`)
+                      device:str|None=None, # where a model loaded here runs (default: cuda if available)
+                      chunk_size:int|None=None, # streamed: documents whose states are held at once (None: all)
+                     ) -> DistanceResult:
+    "Angular distance between every pair of layer inputs x^(i), x^(j), one forward pass per batch (or streamed)."
+    if seq_len < 1: raise LayerpruneError(f'seq_len must be >= 1, got {seq_len}')
+    if batch_size < 1: raise LayerpruneError(f'batch_size must be >= 1, got {batch_size}')
+    if not texts: raise LayerpruneError('no texts to measure distances on')
+    by_name = isinstance(model, (str, Path))
+    if streamed:
+        if not by_name: raise LayerpruneError('streamed=True reads the weights from disk: pass the model name or folder, not a loaded model')
+        from layerprune.streamed import streamed_distances
+        return streamed_distances(model, tokenizer, texts, seq_len, batch_size, dtype, device, quantization,
+                                  chunk_size=chunk_size, all_tokens=all_tokens, padding_side=padding_side,
+                                  progress=progress, name=name, text=text)
+    if by_name:
+        dt, q = check_precision(dtype, quantization, device)
+        model, tok = _load_for_distances(model, dt, q, device)
+        tokenizer = tokenizer or tok; name = name or str(model.config._name_or_path)
+    else:
+        if dtype is not None and check_precision(dtype)[0] != model.dtype:
+            raise LayerpruneError(f'the model is loaded in {model.dtype}, not {dtype}: load it in that dtype (or pass its name)')
+        if quantization is not None and check_precision('float32', quantization)[1] != _model_quantization(model):
+            raise LayerpruneError(f'the model is loaded with quantization {_model_quantization(model)!r}, not {quantization!r}')
+    if tokenizer is None: raise LayerpruneError('a loaded model needs its tokenizer')
+    return _in_memory(model, tokenizer, texts, seq_len, batch_size, all_tokens, padding_side, progress, name, text)
 
 # %% ../nbs/02_distance.ipynb #e6970610
 def distances_for(model_name:str, # anything `load_model` takes
@@ -155,19 +221,24 @@ def distances_for(model_name:str, # anything `load_model` takes
                   all_tokens:bool=False, # average over all tokens
                   cache:str|Path|None='runs/cache', # folder for the cached JSON (None: no cache)
                   model=None, tokenizer=None, # an already loaded model (else loaded by name)
+                  dtype:str|None=None, # 'float32'/'bfloat16'/'float16' states (None: bf16 on CUDA, fp32 on CPU; a loaded model: as it is)
+                  quantization:str='none', # 'none'/'nf4'/'int8' (bitsandbytes) at load time
+                  streamed:bool=False, # read one layer at a time from disk (models larger than memory)
                  ) -> DistanceResult:
     "Distances for a named model and text, computed once and cached as JSON (a re-run reuses it)."
     if samples < 1: raise LayerpruneError(f'samples must be >= 1, got {samples}')
+    dt, q = check_precision(dtype, quantization)
+    if model is not None:   # a loaded model: its own precision unless one is asked for (then checked)
+        dt = model.dtype if dtype is None else dt
+        q = _model_quantization(model) if quantization in (None, 'none') else q
     def compute():
-        nonlocal model, tokenizer
-        if model is None:
-            from layerprune.models import load_model
-            model, tokenizer = load_model(model_name)
+        m = model if model is not None else model_name
         texts = load_texts(text, 'validation', samples)
-        return angular_distances(model, tokenizer, texts, seq_len, batch_size, all_tokens, progress=True,
-                                 name=model_name, text=text).to_json()
+        return angular_distances(m, tokenizer, texts, seq_len, batch_size, all_tokens, progress=True, name=model_name,
+                                 text=text, dtype=dt, quantization=q, streamed=streamed).to_json()
     if cache is None: return DistanceResult.from_json(compute())
-    key = f'distances_{slug(model_name)}_{slug(text)}_{samples}x{seq_len}_{"all" if all_tokens else "last"}.json'
+    prec = '' if (dt, q) == (torch.float32, 'none') else f'_{str(dt)[6:]}' + ('' if q == 'none' else f'_{q}')
+    key = f'distances_{slug(model_name)}_{slug(text)}_{samples}x{seq_len}_{"all" if all_tokens else "last"}{prec}.json'
     return DistanceResult.from_json(cached_json(Path(cache)/key, compute))
 
 # %% ../nbs/02_distance.ipynb #660190df
@@ -176,14 +247,18 @@ from .cli import add_command, check_fits, OutFile
 def _cli_distances(*, out:OutFile, # JSON file to write
                    model='smollm2-135m', text='wiki', split='validation', samples=256, seq_len=512, batch_size=8,
                    all_tokens:bool=False, # average over all tokens, not just the last
+                   streamed:bool=False, # read one layer at a time from the safetensors files (models larger than memory)
                    dtype='float32', quantization='none', trust_remote_code=False, quiet=False):
     "`layerprune distances`: angular distances of `model` on `text`, written to `out` as JSON."
     from layerprune.models import load_model
     texts = load_texts(text, split, samples)
-    m, tok = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
-    check_fits(m, seq_len)
+    if streamed: m, tok = model, None   # loaded layer by layer inside
+    else:
+        m, tok = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+        check_fits(m, seq_len)
     t0 = time.time()
-    r = angular_distances(m, tok, texts, seq_len, batch_size, all_tokens, progress=not quiet, name=model, text=text)
+    r = angular_distances(m, tok, texts, seq_len, batch_size, all_tokens, progress=not quiet, name=model, text=text, dtype=dtype,
+                          quantization=quantization if streamed else None, streamed=streamed)
     r.save(out)
     if quiet: return
     L = r.num_layers

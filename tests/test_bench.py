@@ -26,13 +26,16 @@ def test_distance(tmp_path):
 
 
 def test_sweep(tmp_path):
-    out, res = run_bench('sweep', '--model', 'tiny:llama', '--samples', 2, '--seq-len', 16, '--step', 3, tmp_path=tmp_path)
-    for line in ('time   copy / virtual', 'time   reload / virtual', 'memory virtual peak, max over n / n=0', 'loss   identical'):
-        assert line in out
-    assert res['grid'] == [0, 3, 5] and [r['n'] for r in res['rows']] == [0, 3, 5]
-    assert res['max_loss_diff'] < 1e-5   # virtual pruning, a pruned copy and a reloaded+pruned model agree
-    assert res['rows'][1]['layers'] == [3, 4, 5]   # reverse order: the last n layers
-    for k in ('time_ratio_copy', 'time_ratio_reload', 'virtual_memory_flatness', 'copy_memory_ratio'): assert res[k] > 0
+    out, res = run_bench('sweep', '--smoke', tmp_path=tmp_path)
+    for line in ('shared-prefix / per-variant time ratio = ', '\nideal = ', 'lm-eval shared-prefix / per-variant time ratio = ',
+                 '\nlm-eval ideal = ', 'Llama-2-70B ideal, fig2', 'load average'):
+        assert line in out, line
+    assert res['L'] == 6 and len(res['plan']) == 6 and len(res['distinct']) == 4   # 2 fractions x 3 strategies; n = 0 shared
+    assert res['loss']['max_rel_diff'] < 1e-5                       # shared prefix == per-variant lm_loss
+    assert res['lm_eval']['identical'] == res['lm_eval']['variants'] == 4   # same accuracies as per-variant evaluate_tasks
+    assert 0 < res['loss']['ideal'] < 1 and 0 < res['lm_eval']['ideal'] < 1
+    assert res['loss']['ratio'] > 0 and res['lm_eval']['ratio'] > 0
+    assert all(0 < v < 0.5 for v in res['llama2_70b_ideal'].values())   # 80 layers: deep blocks share almost everything
 
 
 def test_pruned(tmp_path):
