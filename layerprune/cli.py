@@ -241,12 +241,14 @@ def _add(p:argparse.ArgumentParser, a:Arg):
     if a.positional: p.add_argument(a.name, nargs='?' if not a.required else None, **kw)
     else: p.add_argument(a.flag, dest=a.name, required=a.required, **kw)
 
+# %% ../nbs/08_cli.ipynb #4d459b18
 def check_args(args:list[Arg], # the command's arguments
                vals:dict, # their parsed values
               ):
     "Check every value against its annotation: numbers and choices first, then input files, models, outputs."
     for a in sorted(args, key=lambda a: CHECKS.get(a.type, (0,))[0]): check_value(a.type, vals.get(a.name), a.flag, vals)
 
+# %% ../nbs/08_cli.ipynb #e1bb0f96
 @contextlib.contextmanager
 def quiet_libraries(on:bool=True, # silence them (False: change nothing)
                    ):
@@ -263,6 +265,7 @@ def quiet_libraries(on:bool=True, # silence them (False: change nothing)
         hf.set_verbosity(level); logging.disable(disabled); utils.set_quiet(was)
         if bars: hf.enable_progress_bar()
 
+# %% ../nbs/08_cli.ipynb #e61e1884
 def add_command(sub, # `add_subparsers()` result
                 name:str, # the sub-command
                 fn, # called as `fn(**values)` once every value has passed `check_args`
@@ -283,7 +286,7 @@ def add_command(sub, # `add_subparsers()` result
     p.set_defaults(func=run, _args=args)
     return p
 
-# %% ../nbs/08_cli.ipynb #041c96dc
+# %% ../nbs/08_cli.ipynb #7e980c56
 COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan']
 
 def build_parser() -> argparse.ArgumentParser:
