@@ -1,6 +1,7 @@
 # layerprune: two commands for a new user (see README.md)
 #   make demo   regenerate the Figure 1(c) and Figure 4 distance figures for smollm2-135m, offline
 #   make test   run every notebook test and the pytest suite
+#   make docs   build the documentation site into _docs/ (open _docs/index.html), offline
 PY      := .venv/bin/python
 BIN     := .venv/bin
 STAMP   := .venv/.installed
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow check-sync readme lab figures clean-runs gpu-check
+.PHONY: install demo test test-slow check-sync readme lab figures clean-runs gpu-check docs docs-deps
 
 $(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
 	test -x $(PY) || python3 -m venv .venv
@@ -48,6 +49,23 @@ check-sync: install
 	$(MAKE) --no-print-directory readme
 	git diff --exit-code -- nbs layerprune README.md || (echo 'out of sync: run nbdev_clean, nbdev_export, make readme and commit' >&2; exit 1)
 	test -z "$$(git status --porcelain -- nbs layerprune README.md)" || (git status --porcelain -- nbs layerprune; echo 'untracked files under nbs/ or layerprune/' >&2; exit 1)
+
+# the documentation site: nbdev-processed notebooks (API reference from the docments) rendered to _docs/, with Quarto
+# if it is on PATH, else with nbconvert (quarto-cli's PyPI package downloads its binary at install time, so it cannot
+# be installed offline); headless Chromium (Debian's package, installed when missing and we are root) checks it
+DOCS_STAMP := .venv/.docs-installed
+$(DOCS_STAMP): requirements-docs.txt $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-docs.txt
+	touch $(DOCS_STAMP)
+
+docs-deps: $(DOCS_STAMP)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo 'chromium not installed (needs root + apt-get): the browser test of the site will be skipped' >&2; }
+
+docs: docs-deps
+	PYTHONPATH=$(CURDIR) $(PY) tools/build_docs.py
+	$(BIN)/pytest -q tests/test_docs.py
 
 figures: install
 	$(BIN)/layerprune run paper_runs.yaml --profile offline

@@ -287,7 +287,7 @@ def add_command(sub, # `add_subparsers()` result
     return p
 
 # %% ../nbs/08_cli.ipynb #7e980c56
-COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan']
+COMMAND_MODULES = ['layerprune.distance', 'layerprune.prune', 'layerprune.evaluate', 'layerprune.heal', 'layerprune.runner', 'layerprune.plan', 'layerprune.export']
 
 def build_parser() -> argparse.ArgumentParser:
     "The `layerprune` argument parser with every available sub-command."

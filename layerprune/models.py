@@ -178,7 +178,7 @@ def _check_placement(model):
     if any(p.device.type == 'meta' for p in model.parameters()):
         raise LayerpruneError('some weights were not loaded (still on the meta device)')
 
-# %% ../nbs/00_models.ipynb #61fb0d5d
+# %% ../nbs/00_models.ipynb #adce4734
 def _from_pretrained(name_or_path, src, dtype, quantization, trust_remote_code, kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     q = quantization_config(quantization, dtype if dtype != torch.float32 else torch.float32)
@@ -205,8 +205,12 @@ def load_model(name_or_path:str=DEFAULT_MODEL, # embedded name, 'tiny:<arch>', l
     if (quantization or 'none') not in QUANTIZATIONS:
         raise LayerpruneError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     if torch.cuda.is_available(): torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-    if str(name_or_path).startswith('tiny:'):
+    if str(name_or_path).startswith('tiny:') and (quantization or 'none') == 'none':
         model, tok = tiny_model(str(name_or_path)[5:]).to(dtype), tiny_tokenizer()
+    elif str(name_or_path).startswith('tiny:'):   # quantised tiny model: through a saved folder, like any other model
+        with tempfile.TemporaryDirectory() as d:
+            tiny_model(str(name_or_path)[5:]).save_pretrained(d); tiny_tokenizer().save_pretrained(d)
+            model, tok = _from_pretrained(name_or_path, d, dtype, quantization, trust_remote_code, kwargs)
     else: model, tok = _from_pretrained(name_or_path, resolve_model(name_or_path), dtype, quantization, trust_remote_code, kwargs)
     _ensure_pad(tok, model)
     if 'device_map' not in kwargs and (quantization or 'none') == 'none':

@@ -390,6 +390,8 @@ def save_pruned(model, # a pruned causal LM
         model.save_pretrained(tmp)
         if tokenizer is not None: tokenizer.save_pretrained(tmp)
         atomic_write_json(Path(tmp)/'layerprune_report.json', rep)
+        from layerprune.export import write_model_card  # README.md model card
+        write_model_card(tmp, rep)
     return Path(out_dir)
 
 def mergekit_yaml(num_layers:int, # layers of the original model
@@ -427,6 +429,8 @@ def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's l
                seed=0, # seed of the 'random' strategy
                out:OutDir|None=None, # folder for the pruned model (save_pretrained + layerprune_report.json)
                mergekit:OutFile|None=None, # also write an equivalent mergekit passthrough YAML here
+               push_to_hub:str|None=None, # after saving --out, upload it to this hub repo (private)
+               gguf:OutFile|None=None, # after saving --out, also write it as a llama.cpp GGUF file (f16)
                overwrite=False, # replace an existing --out folder / --mergekit file
                verify:bool=True, # check cached decoding, the logits against the unpruned model and a plain transformers reload
                dtype='float32', trust_remote_code=False, quiet=False):
@@ -434,6 +438,8 @@ def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's l
     from layerprune.models import load_model
     from layerprune.data import load_texts
     say = (lambda *a, **k: None) if quiet else print
+    if (push_to_hub or gguf) and not out: raise LayerpruneError('--push-to-hub and --gguf need --out (the folder to save first)')
+    if gguf and not gguf.endswith('.gguf'): raise LayerpruneError(f'--gguf must name a .gguf file: {gguf}')
     m, tok = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     L = decoder(m).num_layers
     if strategy in NEEDS_TEXT: check_fits(m, seq_len)
@@ -456,6 +462,9 @@ def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's l
     if out:
         save_pruned(m, tok, out, report=report, overwrite=overwrite)
         say(f'saved to {out}')
+        from layerprune.export import export_gguf, push_to_hub as push
+        if gguf: say(f'GGUF written: {export_gguf(out, gguf, overwrite=overwrite)}')
+        if push_to_hub: say(f'pushed to {push(out, push_to_hub)}')
     if mergekit:
         from layerprune.models import EMBEDDED, resolve_model
         # mergekit needs a real model: an embedded name becomes its converted safetensors folder

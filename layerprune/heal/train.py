@@ -346,6 +346,10 @@ def _save_result(healed, tok, log:dict, out_dir:Path, work:Path, overwrite:bool)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         healed.save_pretrained(tmp); tok.save_pretrained(tmp)
         atomic_write_json(tmp/'heal_log.json', log)
+        from layerprune.export import write_model_card   # README.md: base model, removed layers, healing, scores
+        write_model_card(tmp, source=getattr(healed.config, '_name_or_path', None),
+                         heal={**log['config'], 'final_loss': log['loss'][-1] if log['loss'] else None,
+                               'tokens_per_s': log.get('tokens_per_s')})
     shutil.rmtree(work, ignore_errors=True)
 
 # %% ../../nbs/05c_heal_train.ipynb #3ad68d7d
