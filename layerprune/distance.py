@@ -9,13 +9,13 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
-from .utils import LayerpruneError, atomic_write_json, cached_json, slug, progress as progress_bar
+from .utils import LayerpruneError, atomic_write_json, slug, progress as progress_bar
 from .models import decoder, resolve_dtype, QUANTIZATIONS
 from .hooks import layer_hooks
 from .data import batches, last_token_index, load_texts
 
 # %% auto #0
-__all__ = ['capture_states', 'angular', 'DistanceResult', 'check_precision', 'angular_distances', 'distances_for', 'add_cli']
+__all__ = ['capture_states', 'angular', 'DistanceResult', 'check_precision', 'angular_distances', 'add_cli']
 
 # %% ../nbs/02_distance.ipynb #34f99617
 @contextlib.contextmanager
@@ -208,35 +208,6 @@ def angular_distances(model, # a loaded causal LM, or anything `load_model` take
             raise LayerpruneError(f'the model is loaded with quantization {_model_quantization(model)!r}, not {quantization!r}')
     if tokenizer is None: raise LayerpruneError('a loaded model needs its tokenizer')
     return _in_memory(model, tokenizer, texts, seq_len, batch_size, all_tokens, padding_side, progress, name, text)
-
-# %% ../nbs/02_distance.ipynb #e6970610
-def distances_for(model_name:str, # anything `load_model` takes
-                  text:str='wiki', # text source (`load_texts`)
-                  samples:int=256, # documents (validation split)
-                  seq_len:int=512, # tokens per document
-                  batch_size:int=8, # documents per forward pass
-                  all_tokens:bool=False, # average over all tokens
-                  cache:str|Path|None='runs/cache', # folder for the cached JSON (None: no cache)
-                  model=None, tokenizer=None, # an already loaded model (else loaded by name)
-                  dtype:str|None=None, # 'float32'/'bfloat16'/'float16' states (None: bf16 on CUDA, fp32 on CPU; a loaded model: as it is)
-                  quantization:str='none', # 'none'/'nf4'/'int8' (bitsandbytes) at load time
-                  streamed:bool=False, # read one layer at a time from disk (models larger than memory)
-                 ) -> DistanceResult:
-    "Distances for a named model and text, computed once and cached as JSON (a re-run reuses it)."
-    if samples < 1: raise LayerpruneError(f'samples must be >= 1, got {samples}')
-    dt, q = check_precision(dtype, quantization)
-    if model is not None:   # a loaded model: its own precision unless one is asked for (then checked)
-        dt = model.dtype if dtype is None else dt
-        q = _model_quantization(model) if quantization in (None, 'none') else q
-    def compute():
-        m = model if model is not None else model_name
-        texts = load_texts(text, 'validation', samples)
-        return angular_distances(m, tokenizer, texts, seq_len, batch_size, all_tokens, progress=True, name=model_name,
-                                 text=text, dtype=dt, quantization=q, streamed=streamed).to_json()
-    if cache is None: return DistanceResult.from_json(compute())
-    prec = '' if (dt, q) == (torch.float32, 'none') else f'_{str(dt)[6:]}' + ('' if q == 'none' else f'_{q}')
-    key = f'distances_{slug(model_name)}_{slug(text)}_{samples}x{seq_len}_{"all" if all_tokens else "last"}{prec}.json'
-    return DistanceResult.from_json(cached_json(Path(cache)/key, compute))
 
 # %% ../nbs/02_distance.ipynb #660190df
 from .cli import add_command, check_fits, OutFile

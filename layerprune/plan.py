@@ -304,7 +304,7 @@ def _heal_runs(a, p, mode, seen, gpu, b, points, method, opt_bytes, target='ffn'
     "Distances (if similarity), the unpruned loss, then `points` = [(n, rank, last_k, method), ...] healed."
     st = []
     if any(s == 'similarity' for s in p.get('strategies', [p.get('strategy')])):
-        st.append(_dist(a, p, mode, seen, gpu, b, 'distance_samples', 'distance_seq_len'))
+        st.append(_dist(a, p, mode, seen, gpu, b, 'calib_samples', 'calib_seq_len'))
     ev, T, lm = p['val_docs'], p['eval_seq_len'], 'nf4' if method == 'qlora' else 'bf16'
     base = stage_loss(a, lm, [a.L], ev, T, 8, 2, 'unpruned loss')
     base.parts['activations'] = max(base.parts['activations'], logits_bytes(8, T, a.V) + 8 * T * a.d * 2)   # mean_nll: full logits
@@ -356,7 +356,7 @@ def plan_job(name:str, # run name (e.g. 'fig1c')
     stem = Path(notebook).stem
     if stem not in JOB_PLANNERS: raise LayerpruneError(f'{name}: the planner has no memory model for notebook {stem!r}')
     fn, modes = JOB_PLANNERS[stem]
-    a, b = load_arch(params['model']), DTYPE_BYTES.get(params.get('dtype', dtype), 2)
+    a, b = load_arch(params['model_name']), DTYPE_BYTES.get(params.get('dtype', dtype), 2)
     q = params.get('quantization')
     if q not in (None, 'none'): modes = (q,)
     elif b == 4: modes = tuple(('fp32' if m == 'bf16' else m) for m in modes)
@@ -374,7 +374,7 @@ def plan_job(name:str, # run name (e.g. 'fig1c')
     top = max(stages, key=lambda s: s.peak)
     hours = sum(s.seconds(gpu) for s in stages) / 3600
     modes = [s.mode for s in stages if s.mode != 'cached'] or ['cached']
-    return dict(run=name, model=params['model'], mode='+'.join(dict.fromkeys(modes)),
+    return dict(run=name, model=params['model_name'], mode='+'.join(dict.fromkeys(modes)),
                 peak_gb=round(peak / 1e9, 1), gpu_hours=round(hours, 2 if hours < 10 else 1),
                 fits=bool(_fits(peak, gpu) and not any(s.error for s in stages)), gpu=gpu['name'], peak_stage=top.name,
                 errors=[s.error for s in stages if s.error],

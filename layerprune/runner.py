@@ -90,18 +90,18 @@ def plan(spec:dict, # from `load_runs`
             if injected: raise LayerpruneError(f'{where}: {", ".join(injected)} is set by the runner, remove it')
             missing = sorted(set(declared) - set(ps) - set(INJECTED))
             if missing: raise LayerpruneError(f'{where}: missing parameter(s) {", ".join(missing)} for {nb}')
-            if model and ps.get('model') != model: continue
-            tag = slug(ps.get('model', i))
+            if model and ps.get('model_name') != model: continue
+            tag = slug(ps.get('model_name', i))
             jobs.append(Job(name, profile, nb, dict(ps), Path(runs_dir)/f'{name}_{profile}_{tag}.ipynb'))
     if not jobs: raise LayerpruneError(f'nothing to run for profile {profile!r}' + (f' and model {model!r}' if model else ''))
     return jobs
 
 # %% ../nbs/06_runner.ipynb #c27a8629
 def check_models(jobs:list[Job]):
-    "Check that every job's `model` parameter names something `load_model` can take (hub ids by form only)."
+    "Check that every job's `model_name` parameter names something `load_model` can take (hub ids by form only)."
     from layerprune.models import EMBEDDED, _looks_like_hub_id, ARCHS
     for j in jobs:
-        m = str(j.params.get('model', ''))
+        m = str(j.params.get('model_name', ''))
         if not m: continue
         try: is_dir = Path(m).is_dir()
         except (OSError, ValueError): is_dir = False
@@ -168,7 +168,7 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
         check_value(OutDir, str(root/d), flag, {'overwrite': True})   # existing folders are added to
     for i, j in enumerate(jobs, 1):
         t0 = time.time()
-        print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model", "")}) ...', flush=True)
+        print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model_name", "")}) ...', flush=True)
         try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout, quiet=quiet)
         except Exception as e:
             if type(e).__name__ == 'PapermillExecutionError':

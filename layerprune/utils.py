@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['LayerpruneError', 'clean_temporaries', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json',
            'atomic_dir', 'check_output', 'cache_dir', 'slug', 'fmt_layers', 'digest', 'text_digest', 'Cache',
-           'rss_bytes', 'PeakMemory', 'set_quiet', 'progress', 'cached_json']
+           'rss_bytes', 'PeakMemory', 'set_quiet', 'progress']
 
 # %% ../nbs/00a_utils.ipynb #920c5ef2
 class LayerpruneError(ValueError):
@@ -273,17 +273,3 @@ def progress(iterable=None, # what to iterate over (or None, and call `.update(n
         return _Lines(iterable, total, desc, unit, every=float(os.environ.get('LAYERPRUNE_PROGRESS_EVERY', 10)))
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
-
-# %% ../nbs/00a_utils.ipynb #167ef603
-def cached_json(path, # where the result lives
-                compute, # zero-argument function computing a JSON-serialisable result
-                refresh:bool=False, # recompute even if the file exists
-               ):
-    "Return the JSON at `path` if it exists, else `compute()` it and write it there atomically."
-    path = Path(path)
-    if path.exists() and not refresh:
-        try: return json.loads(path.read_text())
-        except json.JSONDecodeError: pass  # a damaged file is recomputed
-    res = compute()
-    atomic_write_json(path, res)
-    return json.loads(path.read_text())

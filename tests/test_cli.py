@@ -30,7 +30,7 @@ def one_line(cmd, err):
 def _nb(path):
     import nbformat
     nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
-    nb.cells = [nbformat.v4.new_code_cell("model = 'tiny:llama'\nscale = 2\nout_dir = 'figures'\ncache_dir = 'runs/cache'",
+    nb.cells = [nbformat.v4.new_code_cell("model_name = 'tiny:llama'\nscale = 2\nout_dir = 'figures'\ncache_dir = 'runs/cache'",
                                           metadata={'tags': ['parameters']})]
     nbformat.write(nb, str(path))
 
@@ -58,7 +58,7 @@ def pool():
     (d/'m_badst'/'model.safetensors').write_bytes(b'\xff' * 64)
     tiny_model('llama').save_pretrained(d/'m_ok'); tiny_tokenizer().save_pretrained(d/'m_ok')
     _nb(d/'toy.ipynb')
-    (d/'toy.yaml').write_text(yaml.safe_dump({'runs': {'toy': {'notebook': 'toy.ipynb', 'offline': [{'model': 'tiny:llama', 'scale': 2}]}}}))
+    (d/'toy.yaml').write_text(yaml.safe_dump({'runs': {'toy': {'notebook': 'toy.ipynb', 'offline': [{'model_name': 'tiny:llama', 'scale': 2}]}}}))
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -169,8 +169,8 @@ def test_existing_outputs_kept_without_overwrite(pool, tmp_path):
     ('runs: {fig: {notebook: toy.ipynb, offline: [{1: 2, b: 3}]}}', 'must be a list of parameter mappings'),
     ('runs: {fig: {notebook: good.txt, offline: [{}]}}', 'is not a notebook (.ipynb)'),
     ('runs: {fig: {notebook: bad.ipynb, offline: [{}]}}', 'is not a readable notebook'),
-    ('runs: {fig: {notebook: toy.ipynb, offline: [{model: tiny:llama, scale: 2, extra: 1}]}}', 'unknown parameter(s) extra'),
-    ('runs: {fig: {notebook: toy.ipynb, offline: [{model: [1, 2], scale: 2}]}}', 'is not an embedded name'),
+    ('runs: {fig: {notebook: toy.ipynb, offline: [{model_name: tiny:llama, scale: 2, extra: 1}]}}', 'unknown parameter(s) extra'),
+    ('runs: {fig: {notebook: toy.ipynb, offline: [{model_name: [1, 2], scale: 2}]}}', 'is not an embedded name'),
     ('runs: !!python/object:os.system {}', 'is not valid YAML'),
     ('\x00\x01binary', 'is not valid YAML'),
 ])
@@ -284,11 +284,11 @@ LEAF = st.one_of(st.none(), st.booleans(), INTS, st.floats(), TEXT, st.sampled_f
 TREE = st.recursive(LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.one_of(TEXT, INTS), c, max_size=3), max_leaves=8)
 SPEC = st.fixed_dictionaries({'runs': st.one_of(TREE, st.dictionaries(st.one_of(st.just('toy'), TEXT), st.fixed_dictionaries(
     {'notebook': st.one_of(st.just('toy.ipynb'), LEAF)},
-    optional={'offline': st.one_of(TREE, st.lists(st.fixed_dictionaries({'model': st.one_of(st.just('tiny:llama'), LEAF),
+    optional={'offline': st.one_of(TREE, st.lists(st.fixed_dictionaries({'model_name': st.one_of(st.just('tiny:llama'), LEAF),
                                                                          'scale': LEAF}), max_size=2))}), max_size=2))})
 
 
-TOY = {'runs': {'toy': {'notebook': 'toy.ipynb', 'offline': [{'model': 'tiny:llama', 'scale': 2}]}}}
+TOY = {'runs': {'toy': {'notebook': 'toy.ipynb', 'offline': [{'model_name': 'tiny:llama', 'scale': 2}]}}}
 
 
 @FUZZ

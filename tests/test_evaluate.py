@@ -12,10 +12,6 @@ from layerprune.cli import main
 TEXTS = ['The quick brown fox jumps over the lazy dog.', 'Layer pruning removes the deeper layers.',
          'Deeper layers are often redundant in large language models.', 'The lazy dog sleeps.']
 
-@pytest.fixture(scope='module')
-def smollm():
-    return load_model('smollm2-135m')
-
 @pytest.mark.parametrize('arch', ['llama', 'gemma2', 'gpt2'])
 def test_uniform_predictor_is_one(arch):
     m = tiny_model(arch, tie=False)
@@ -27,8 +23,8 @@ def test_uniform_predictor_is_one(arch):
     assert r['normalized'] == pytest.approx(1.0, abs=1e-6)
     assert r['stderr'] == pytest.approx(0.0, abs=1e-6)  # every token costs ln V exactly
 
-def test_real_model_loss_invariant_to_batching_and_padding(smollm):
-    model, tok = smollm
+def test_real_model_loss_invariant_to_batching_and_padding(smollm2):
+    model, tok = smollm2
     texts = load_texts('wiki', 'validation', 4)
     a = lm_loss(model, tok, texts, seq_len=40, batch_size=1, padding_side='right')
     b = lm_loss(model, tok, texts, seq_len=40, batch_size=4, padding_side='left')
@@ -108,13 +104,9 @@ def test_cli_writes_json_and_resumes(tmp_path):
     assert r2['boolq']['samples'] == 3 and r2['loss'] == r['loss']
     assert len(list((tmp_path/'res.json.cache').rglob('*.json'))) == 6
 
-def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
+def test_paper_notebooks_execute_with_papermill(run_paper):
     "fig2, fig7 and lu_table run end to end through the runner (papermill, tiny model, a few items)."
-    import yaml, subprocess
-    from pathlib import Path
-    ROOT = Path(__file__).resolve().parents[1]
-    spec = yaml.safe_load((ROOT/'paper_runs.yaml').read_text())['runs']
-    small = dict(model='tiny:llama', text='wiki', samples=4, seq_len=32, batch_size=4)
+    small = dict(model_name='tiny:llama', text='wiki', samples=4, seq_len=32, batch_size=4)
     params = {
         'fig2': dict(small, strategies=['similarity', 'deepest'], fractions=[0.0, 0.5], tasks=['boolq'], limit=2,
                      mmlu=False, mmlu_limit=1, mmlu_fewshot=0),
@@ -122,14 +114,10 @@ def test_paper_notebooks_execute_with_papermill(tmp_path, root=None):
         'lu_table': dict(small, fraction=0.25, strategies=['reverse', 'bi'], tasks=['arc_easy', 'cmmlu'],
                          limit=2, seed=0),
     }
-    for k, p in params.items(): assert set(p) == set(spec[k]['offline'][0]), k  # the same parameters as the real runs
-    runs = {k: {'notebook': str(ROOT/spec[k]['notebook']), 'offline': [p]} for k, p in params.items()}
-    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
-    r = subprocess.run([sys.executable, '-c', 'import sys; from layerprune.cli import main; sys.exit(main(sys.argv[1:]))',
-                        'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, capture_output=True, text=True)
+    r, tmp_path = run_paper(params)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig2_accuracy', 'fig7_prompt', 'lu_table') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     import csv
     rows = list(csv.DictReader(open(tmp_path/'figures'/'lu_table_tiny_llama.csv')))
     assert [r['strategy'] for r in rows] == ['none', 'reverse', 'bi']

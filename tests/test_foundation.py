@@ -85,19 +85,16 @@ def test_every_run_has_offline_and_paper_profiles():
         assert (ROOT/e['notebook']).exists(), name
 
 
-def test_distance_notebooks_execute_with_papermill(tmp_path):
+def test_distance_notebooks_execute_with_papermill(run_paper):
     "fig1c and fig4 run end to end (papermill, tiny model), producing PNG+PDF+CSV+JSON."
-    spec = yaml.safe_load((ROOT/'paper_runs.yaml').read_text())
-    small = {'model': 'tiny:llama', 'text': 'wiki', 'samples': 6, 'seq_len': 32, 'batch_size': 3}
-    runs = {k: {'notebook': str(ROOT/spec['runs'][k]['notebook']), 'offline': [small]} for k in ('fig1c', 'fig4')}
-    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
-    r = run_cli('run', tmp_path/'runs.yaml', cwd=tmp_path)
+    small = {'model_name': 'tiny:llama', 'text': 'wiki', 'samples': 6, 'seq_len': 32, 'batch_size': 3}
+    r, tmp_path = run_paper({'fig1c': small, 'fig4': small})
     assert r.returncode == 0, r.stderr + r.stdout
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig1c', 'fig4') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('fig1c', 'fig4') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     j = json.loads((tmp_path/'figures'/'fig1c_tiny_llama.json').read_text())
     assert j['num_layers'] == 6 and len(j['best_start']) == 6
-    assert len(list((tmp_path/'runs'/'cache').glob('distances_*.json'))) == 1   # computed once, shared by both figures
+    assert len(list((tmp_path/'runs'/'cache').glob('distances/*.json'))) == 1   # computed once, shared by both figures
 
 
 def test_committed_distance_figures_exist():

@@ -23,14 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
 
 
-def pruned_tiny(arch='llama', drop=(2, 4), tie=True):
-    "A 6-layer tiny model with layers [drop[0], drop[1]) removed (0-based, half-open)."
-    m = tiny_model(arch, 6, tie=tie); d = decoder(m)
-    setattr(d.owner, d.attr, nn.ModuleList([l for i, l in enumerate(d.layers) if not drop[0] <= i < drop[1]]))
-    m.config.num_hidden_layers = d.num_layers
-    if getattr(m.config, 'layer_types', None):
-        m.config.layer_types = [t for i, t in enumerate(m.config.layer_types) if not drop[0] <= i < drop[1]]
-    return m
+from conftest import pruned_tiny   # a 6-layer tiny model with layers [2, 4) removed by `drop_layers`
 
 
 @pytest.fixture(scope='module')
@@ -314,27 +307,22 @@ def test_bad_input_clear_error_nothing_written(tmp_path, capsys):
         assert sorted(os.listdir(tmp_path)) == ['leak.txt', 'pruned'], extra
 
 
-def test_heal_paper_notebooks_execute_with_papermill(tmp_path):
+def test_heal_paper_notebooks_execute_with_papermill(run_paper):
     "heal_curves, heal_rank and lu_finetune run end to end through the runner on a tiny model (PNG+PDF+CSV+JSON)."
-    import yaml
-    spec = yaml.safe_load((REPO/'paper_runs.yaml').read_text())
-    common = dict(model='tiny:llama', steps=2, batch_size=4, seq_len=32, train_docs=120, val_docs=4, eval_seq_len=32, threads=1)
-    dist = dict(distance_samples=4, distance_seq_len=32)
+    common = dict(model_name='tiny:llama', steps=2, batch_size=4, seq_len=32, train_docs=120, val_docs=4, eval_seq_len=32, threads=1)
+    dist = dict(calib_samples=4, calib_seq_len=32)
     params = {'heal_curves': dict(common, **dist, fractions=[0.34], strategies=['similarity', 'deepest'], seeds=[0], method='lora',
                                   rank=2, lr=1e-3, tag='curves'),
               'heal_rank': dict(common, **dist, fraction=0.34, strategy='similarity', ranks=[1], method='lora', lr=1e-3),
               'lu_finetune': dict(common, fraction=0.25, strategy='reverse', methods=['qlora', 'partial-1'],
                                   rank=2, lora_lr=1e-3, partial_lr=1e-3)}
-    runs = {k: {'notebook': str(REPO/spec['runs'][k]['notebook']), 'offline': [v]} for k, v in params.items()}
-    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
-    r = subprocess.run([str(Path(sys.executable).parent/'layerprune'), 'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, env=ENV,
-                       capture_output=True, text=True)
+    r, tmp_path = run_paper(params)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('heal_curves', 'heal_rank', 'lu_finetune') for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'{f}_tiny_llama.{e}' for f in ('heal_curves', 'heal_rank', 'lu_finetune') for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     rows = (tmp_path/'figures'/'lu_finetune_tiny_llama.csv').read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith('qlora,')
-    assert len(list((tmp_path/'runs'/'cache').glob('heal_*.json'))) >= 5  # one JSON per (pruned, healed) point
+    assert len(list((tmp_path/'runs'/'cache').glob('healed/*.json'))) >= 5  # one JSON per (pruned, healed) point
 
 
 def test_committed_heal_figures_exist():

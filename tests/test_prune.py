@@ -236,19 +236,13 @@ def test_cli_prune_verifies_and_exports(tmp_path):
 
 # ---- the paper figure notebook runs end to end --------------------------------------------------------------------
 
-def test_unhealed_loss_notebook_executes(tmp_path):
+def test_unhealed_loss_notebook_executes(run_paper):
     "papermill through the runner, tiny model, every strategy: PNG+PDF+CSV+JSON, resumable from the cache."
-    root = Path(__file__).resolve().parents[1]
-    spec = yaml.safe_load((root/'paper_runs.yaml').read_text())['runs']['unhealed_loss']
-    small = dict(spec['offline'][0], model='tiny:qwen2', eval_samples=3, calib_samples=3, seq_len=24, batch_size=3,
-                 fractions=[0.0, 0.5])
-    runs = {'unhealed_loss': {'notebook': str(root/spec['notebook']), 'offline': [small]}}
-    (tmp_path/'runs.yaml').write_text(yaml.safe_dump({'runs': runs}))
-    exe = Path(sys.executable).parent/'layerprune'
-    r = subprocess.run([str(exe), 'run', str(tmp_path/'runs.yaml')], cwd=tmp_path, capture_output=True, text=True)
+    small = dict(model_name='tiny:qwen2', eval_samples=3, calib_samples=3, seq_len=24, batch_size=3, fractions=[0.0, 0.5])
+    r, tmp_path = run_paper({'unhealed_loss': small})
     assert r.returncode == 0, r.stderr + r.stdout
     names = sorted(p.name for p in (tmp_path/'figures').iterdir())
-    assert names == sorted(f'unhealed_loss_tiny_qwen2.{e}' for e in ('png', 'pdf', 'csv', 'json'))
+    assert names == sorted(f'unhealed_loss_tiny_qwen2.{e}' for e in ('png', 'pdf', 'csv', 'json', 'run.json'))
     import csv
     rows = list(csv.DictReader(open(tmp_path/'figures'/'unhealed_loss_tiny_qwen2.csv')))
     assert len(rows) == 9 * 2 and {r['strategy'] for r in rows} == set(STRATEGIES)

@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'TARGETS', 'SCHEDULES', 'GROMOV_PEAK_LR', 'HealConfig', 'ffn_targets', 'check_disjoint', 'untie_embeddings',
-           'prepare', 'merge', 'save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
+           'prepare', 'merge', 'save_checkpoint', 'load_checkpoint', 'heal', 'add_cli']
 
 # %% ../../nbs/05_heal.ipynb #12bd0b05
 from .config import METHODS, TARGETS, SCHEDULES, GROMOV_PEAK_LR, HealConfig
 from .prepare import ffn_targets, check_disjoint, untie_embeddings, prepare, merge
-from .train import save_checkpoint, load_checkpoint, heal, heal_point, add_cli
+from .train import save_checkpoint, load_checkpoint, heal, add_cli
 
 _all_ = ['METHODS', 'TARGETS', 'SCHEDULES', 'GROMOV_PEAK_LR', 'HealConfig', 'ffn_targets', 'check_disjoint', 'untie_embeddings',
-         'prepare', 'merge', 'save_checkpoint', 'load_checkpoint', 'heal', 'heal_point', 'add_cli']
+         'prepare', 'merge', 'save_checkpoint', 'load_checkpoint', 'heal', 'add_cli']
