@@ -554,54 +554,51 @@ def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it i
     return healed, r.log
 
 # %% ../../nbs/05c_heal_train.ipynb #44ed9a08
-def add_cli(subparsers):
-    p = subparsers.add_parser('heal', help='heal a pruned model (QLoRA / LoRA / partial-layer fine-tuning), resumable')
-    p.add_argument('--model', required=True, help='pruned model folder (or any name `load_model` takes)')
-    p.add_argument('--method', required=True, help="'qlora', 'lora' or 'partial'")
-    p.add_argument('--preset', default='gromov', help="defaults to start from: 'gromov' (paper recipe) or 'lu' (partial k=3)")
-    p.add_argument('--rank', type=int, help='LoRA rank'); p.add_argument('--alpha', type=float, help='LoRA alpha (default: rank)')
-    p.add_argument('--target', help="'ffn' or 'all-linear'")
-    p.add_argument('--last-k', type=int, help='partial: last k layers trained with lm_head')
-    p.add_argument('--keep-tied', action='store_true', help='partial: keep a tied lm_head tied (trains the embedding too)')
-    p.add_argument('--distill', type=float, help='weight of the teacher-student loss (needs --teacher and --interface)')
-    p.add_argument('--teacher', help='the unpruned model (for --distill)')
-    p.add_argument('--interface', type=int, help='index of the first kept layer after the removed block (0-based)')
-    p.add_argument('--text', default='wiki', help="healing text: 'wiki' (its train split), 'c4', a .txt/.jsonl file or a hub dataset")
-    p.add_argument('--max-texts', type=int, help='use at most this many documents')
-    p.add_argument('--steps', type=int); p.add_argument('--lr', type=float); p.add_argument('--warmup', type=int)
-    p.add_argument('--seq-len', type=int); p.add_argument('--batch-size', type=int, help='global batch size')
-    p.add_argument('--micro-batch', type=int); p.add_argument('--seed', type=int); p.add_argument('--save-every', type=int)
-    p.add_argument('--out', required=True, help='output folder for the healed model and heal_log.json')
-    p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in <out>.checkpoints')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    p.add_argument('--fsdp', action='store_true', help='under torchrun/accelerate: shard the model over the processes (partial only)')
-    p.add_argument('--threads', help="CPU threads: a number or 'auto' (the fastest measured); default: torch's setting")
-    p.set_defaults(func=_cli_heal)
+from typing import Literal
+from ..cli import add_command, dataclass_args, ModelName, NonNegInt, OutDir, PosInt
+from .config import SCHEDULES, TARGETS
 
-def _cli_heal(args):
+def _cli_heal(*, model:ModelName, # the pruned model: a folder (or any name `load_model` takes)
+              method:str, # 'qlora', 'lora' or 'partial' (see `HealConfig.method`)
+              out:OutDir, # output folder for the healed model and heal_log.json (checkpoints go to <out>.checkpoints)
+              preset:Literal['gromov', 'lu']='gromov', # defaults to start from: Gromov et al.'s recipe, or Lu et al.'s (partial, k=3)
+              text='wiki', # healing text: 'wiki' (its train split), 'c4', a .txt/.jsonl file or a hub dataset id
+              max_texts:PosInt|None=None, # use at most this many documents
+              teacher:ModelName|None=None, # the unpruned model (for --distill)
+              interface:NonNegInt|None=None, # index of the first kept layer after the removed block (0-based; for --distill)
+              keep_tied:bool=False, # partial: keep a tied lm_head tied (trains the embedding too); the same as --no-untie
+              resume:bool=False, # continue from the last checkpoint in <out>.checkpoints
+              overwrite=False, # replace an existing output folder
+              fsdp:bool=False, # under torchrun/accelerate: shard the model over the processes (partial only)
+              threads:str|None=None, # CPU threads: a number or 'auto' (the fastest measured); default: torch's setting
+              trust_remote_code=False, quiet=False,
+              **config, # `HealConfig` fields given on the command line (the preset's value for the others)
+             ):
+    "`layerprune heal`: heal the pruned `model` with the `HealConfig` of `preset` and the given fields; save it to `out`."
     from layerprune.models import load_model
     from layerprune.data import load_texts
-    keys = dict(method=args.method, rank=args.rank, alpha=args.alpha, target=args.target, last_k=args.last_k, distill=args.distill,
-                steps=args.steps, lr=args.lr, warmup=args.warmup, seq_len=args.seq_len, batch_size=args.batch_size,
-                micro_batch=args.micro_batch, seed=args.seed, save_every=args.save_every)
-    keys = {k: v for k, v in keys.items() if v is not None}
-    if args.keep_tied: keys['untie'] = False
-    if 'batch_size' in keys and 'micro_batch' not in keys: keys['micro_batch'] = min(4, keys['batch_size'])
-    if args.preset == 'gromov': cfg = HealConfig.gromov(args.model, **keys)
-    elif args.preset == 'lu': cfg = HealConfig.lu(**keys)
-    else: raise LayerpruneError(f"unknown preset {args.preset!r}; use 'gromov' or 'lu'")
-    if cfg.distill > 0 and (args.teacher is None or args.interface is None):
+    config = dict(config, method=method)
+    if keep_tied: config['untie'] = False
+    if 'batch_size' in config and 'micro_batch' not in config: config['micro_batch'] = min(4, config['batch_size'])
+    cfg = HealConfig.gromov(model, **config) if preset == 'gromov' else HealConfig.lu(**config)
+    if cfg.distill > 0 and (teacher is None or interface is None):
         raise LayerpruneError('--distill needs --teacher (the unpruned model) and --interface')
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise LayerpruneError(f'output directory {out} exists and is not empty (pass --overwrite to replace it)')
-    texts = load_texts(args.text, 'train', args.max_texts)
-    threads = None if args.threads is None else 'auto' if args.threads == 'auto' else int(args.threads) if args.threads.isdigit() else args.threads
+    if threads is not None and threads != 'auto' and not (threads.isdigit() and int(threads) >= 1):
+        raise LayerpruneError(f"--threads must be a number >= 1 or 'auto', got {threads!r}")
+    texts = load_texts(text, 'train', max_texts)
     device = f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}' if torch.cuda.is_available() else 'cpu'  # each rank its own GPU
-    model, tok = load_model(args.model, device=device)
-    teacher = load_model(args.teacher, device=device)[0] if cfg.distill > 0 else None
-    _, log = heal(model, tok, cfg, texts, out, teacher=teacher, interface=args.interface, resume=args.resume, overwrite=args.overwrite,
-                  threads=threads, parallel='fsdp' if args.fsdp else 'ddp')
-    if int(os.environ.get('RANK', '0')) == 0:
+    m, tok = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    h = getattr(m.config, 'hidden_size', None)
+    if cfg.method != 'partial' and isinstance(h, int) and cfg.rank > h:
+        raise LayerpruneError(f'--rank {cfg.rank} exceeds the hidden size of the model ({h}): a LoRA rank that large adds nothing')
+    t = load_model(teacher, device=device, trust_remote_code=trust_remote_code)[0] if cfg.distill > 0 else None
+    _, log = heal(m, tok, cfg, texts, out, teacher=t, interface=interface, resume=resume, overwrite=overwrite, progress=not quiet,
+                  threads=None if threads is None else threads if threads == 'auto' else int(threads), parallel='fsdp' if fsdp else 'ddp')
+    if int(os.environ.get('RANK', '0')) == 0 and not quiet:
+        out = Path(out)
         print(f'healed model -> {out} (final loss {log["loss"][-1]:.4f}, {log["tokens_per_s"]:.0f} tokens/s, '
               f'peak {log["peak_memory_mb"]} MB {log["peak_memory_kind"]}; log: {out/"heal_log.json"})')
+
+def add_cli(subparsers):
+    add_command(subparsers, 'heal', _cli_heal, help='heal a pruned model (QLoRA / LoRA / partial-layer fine-tuning), resumable',
+                extra=dataclass_args(HealConfig, choices=dict(target=TARGETS, schedule=SCHEDULES)))
