@@ -14,7 +14,7 @@ from ..utils import progress as progress_bar
 from ..models import decoder, unwrap
 from ..hooks import layer_hooks, hidden_in
 from .config import HealConfig
-from .prepare import prepare, merge, check_disjoint, _digest
+from .prepare import prepare, merge, check_disjoint, check_placement, make_optimizer, _digest
 
 # %% auto #0
 __all__ = ['save_checkpoint', 'load_checkpoint', 'set_threads', 'heal', 'add_cli']
@@ -258,6 +258,7 @@ def set_threads(threads:int|str='auto', # a thread count, or 'auto': the fastest
 def _check_model(model, config:HealConfig, teacher, interface) -> int:
     "Check the recipe against the model (and teacher); return the number of removed layers (0 without distillation)."
     if not isinstance(config, HealConfig): raise LayerpruneError('config must be a HealConfig')
+    check_placement(model)   # offloaded (meta/disk, or split cpu/cuda) weights are refused before anything is written
     d = decoder(model)
     if config.method == 'partial' and config.last_k > d.num_layers:
         raise LayerpruneError(f'last_k={config.last_k} is larger than the number of decoder layers ({d.num_layers})')
@@ -398,7 +399,8 @@ def _setup(model, config:HealConfig, blocks, rank:int, world:int, work, fast:boo
     train_model, info = prepare(model, config)
     if fsdp: _shard(train_model)  # before the optimizer: FSDP replaces the parameters by their shards
     params = list(_trainable(train_model).values())
-    optim = _adamw(params, config) if fast else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer != 'adamw': optim = make_optimizer(params, config, info['notes'])   # paged 8-bit AdamW (CUDA)
+    else: optim = _adamw(params, config) if fast else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: config.lr_at(s) / config.lr)
     prefix = None if fsdp else _frozen_prefix(train_model, config, fast, cache_mb)
     log = dict(config=asdict(config), **info, world_size=world, loss=[], lm_loss=[], distill_mse=[], lr=[], resumed_from=None,
