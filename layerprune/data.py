@@ -10,7 +10,8 @@ import torch
 from .utils import LayerpruneError
 
 # %% auto #0
-__all__ = ['WIKI_VALIDATION_PERCENT', 'CHARS_PER_TOKEN', 'wiki_split', 'load_texts', 'batches', 'last_token_index', 'pack']
+__all__ = ['WIKI_VALIDATION_PERCENT', 'ALPACA_VALIDATION_PERCENT', 'ALPACA_PROMPT', 'CHARS_PER_TOKEN', 'wiki_split',
+           'alpaca_text', 'alpaca_split', 'load_texts', 'batches', 'last_token_index', 'pack']
 
 # %% ../nbs/01_data.ipynb #8cf1935b
 WIKI_VALIDATION_PERCENT = 10
@@ -36,6 +37,56 @@ def _hub_texts(name, split, n):
         if n is not None and len(out) >= n: break
         t = (row.get('text') or '').strip()
         if t: out.append(t)
+    return out
+
+# %% ../nbs/01_data.ipynb #aa6875bd
+ALPACA_VALIDATION_PERCENT = 4
+ALPACA_PROMPT = {  # the Alpaca prompt template (Taori et al., 2023), as used by alpaca-cleaned fine-tuning
+    True: ('Below is an instruction that describes a task, paired with an input that provides further context. Write a response '
+           'that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n'),
+    False: ('Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n'
+            '### Instruction:\n{instruction}\n\n### Response:\n')}
+
+def alpaca_text(row:dict, # an example with 'instruction', 'input' (may be empty) and 'output'
+               ) -> str:
+    "An Alpaca example as one training text: the prompt template (with or without input) followed by the output."
+    try: ins, inp, out = (str(row.get(k) or '').strip() for k in ('instruction', 'input', 'output'))
+    except AttributeError: raise LayerpruneError(f'an Alpaca example must be a JSON object, got {type(row).__name__}') from None
+    if not ins or not out: raise LayerpruneError(f'an Alpaca example needs a non-empty "instruction" and "output": {str(row)[:80]}')
+    return ALPACA_PROMPT[bool(inp)].format(instruction=ins, input=inp) + out
+
+def alpaca_split(text:str) -> str:
+    "'validation' for ALPACA_VALIDATION_PERCENT% of formatted examples (by a stable hash of the text), else 'train'."
+    return 'validation' if int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 100 < ALPACA_VALIDATION_PERCENT else 'train'
+
+def _alpaca_rows(source:str):
+    if source.startswith('alpaca-local:'):
+        p = Path(source[len('alpaca-local:'):]).expanduser()
+        if not p.is_file(): raise LayerpruneError(f'Alpaca JSONL file {p} not found')
+        with open(p, encoding='utf-8') as f:
+            for i, line in enumerate(f):
+                if not line.strip(): continue
+                try: yield json.loads(line)
+                except json.JSONDecodeError: raise LayerpruneError(f'{p} line {i + 1}: not JSON') from None
+        return
+    import os
+    if any(os.environ.get(k, '').lower() in ('1', 'true', 'yes', 'on') for k in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')):
+        raise LayerpruneError("'alpaca' needs the Hugging Face hub (yahma/alpaca-cleaned) and the hub is switched off "
+                              "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); offline, use 'alpaca-local:PATH' with a JSONL of "
+                              '{"instruction", "input", "output"} objects')
+    from datasets import load_dataset
+    try: yield from load_dataset('yahma/alpaca-cleaned', split='train', streaming=True)
+    except Exception as e:
+        raise LayerpruneError(f"'alpaca' needs the Hugging Face hub (yahma/alpaca-cleaned): {str(e).splitlines()[0][:200]}; "
+                              "offline, use 'alpaca-local:PATH'") from None
+
+def _alpaca_texts(source:str, split:str, n:int|None, max_chars:int|None) -> list[str]:
+    if split not in ('train', 'validation'): raise LayerpruneError(f"alpaca has splits 'train' and 'validation', not {split!r}")
+    out = []
+    for row in _alpaca_rows(source):
+        t = alpaca_text(row)
+        if alpaca_split(t) == split: out.extend(_pieces(t, max_chars))
+        if n and len(out) >= n: break
     return out
 
 # %% ../nbs/01_data.ipynb #c1caa40a
@@ -80,7 +131,7 @@ def _file_texts(p:Path, source, n, max_chars):
     except OSError as e: raise LayerpruneError(f'cannot read text file {source}: {e.strerror}') from None
     return texts
 
-def load_texts(source:str='wiki', # 'wiki', 'c4', a .txt/.jsonl path, or a hub dataset id
+def load_texts(source:str='wiki', # 'wiki', 'c4', 'alpaca', 'alpaca-local:PATH', a .txt/.jsonl path, or a hub dataset id
                split:str='validation', # 'validation' or 'train' (for 'wiki' and hub datasets)
                n:int|None=None, # at most this many documents (None: all)
                max_chars:int|None=None, # cut longer documents into pieces of this many characters (None: keep whole)
@@ -92,9 +143,10 @@ def load_texts(source:str='wiki', # 'wiki', 'c4', a .txt/.jsonl path, or a hub d
         if split not in ('train', 'validation'): raise LayerpruneError(f"wiki has splits 'train' and 'validation', not {split!r}")
         docs = [(hashlib.sha256(t.encode()).hexdigest(), x) for t, x in _wiki_docs() if x and wiki_split(t) == split]
         texts = [y for _, x in sorted(docs) for y in _pieces(x, max_chars)]
+    elif source == 'alpaca' or str(source).startswith('alpaca-local:'): texts = _alpaca_texts(str(source), split, n, max_chars)
     elif p.suffix in ('.txt', '.jsonl') or p.exists(): texts = _file_texts(p, source, n, max_chars)
     elif source == 'c4' or '/' in str(source): texts = [y for x in _hub_texts(str(source), split, n) for y in _pieces(x, max_chars)]
-    else: raise LayerpruneError(f"unknown text source {source!r}: use 'wiki', 'c4', a .txt/.jsonl file or a hub dataset id")
+    else: raise LayerpruneError(f"unknown text source {source!r}: use 'wiki', 'c4', 'alpaca', a .txt/.jsonl file or a hub dataset id")
     if not texts: raise LayerpruneError(f'no text found in {source!r} (split {split!r})')
     return texts[:n] if n else texts
 

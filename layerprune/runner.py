@@ -32,17 +32,19 @@ def load_runs(path) -> dict:
     "Read and structurally check a paper_runs.yaml file."
     path = Path(path)
     if not path.is_file(): raise LayerpruneError(f'run file {path} not found')
-    try: spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e: raise LayerpruneError(f'{path} is not valid YAML: {e}') from e
+    try: spec = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError) as e: raise LayerpruneError(f'{path} is not valid YAML: {e}') from None
     if not isinstance(spec, dict) or not isinstance(spec.get('runs'), dict) or not spec['runs']:
         raise LayerpruneError(f"{path}: expected a top-level 'runs:' mapping of figure names to entries")
     for name, e in spec['runs'].items():
         if not isinstance(e, dict) or 'notebook' not in e:
             raise LayerpruneError(f"{path}: run {name!r} needs a 'notebook:' path")
+        if not isinstance(name, str) or not isinstance(e['notebook'], str) or not e['notebook'].strip():
+            raise LayerpruneError(f"{path}: run {name!r}: its name and its 'notebook:' path must be strings")
         for prof, sets in e.items():
             if prof in ('notebook', 'figure'): continue
-            if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets):
-                raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings')
+            if not isinstance(sets, list) or not all(isinstance(s, dict) and all(isinstance(k, str) for k in s) for s in sets):
+                raise LayerpruneError(f'{path}: run {name!r} profile {prof!r} must be a list of parameter mappings (name: value)')
     d = spec.get('defaults', {})   # per-profile settings for the runner and planner (gpu, dtype), not notebook parameters
     if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
         raise LayerpruneError(f"{path}: 'defaults:' must map profile names to mappings (e.g. paper: {{gpu: A100-80GB}})")
@@ -53,8 +55,12 @@ def notebook_parameters(nb) -> dict:
     "The parameters a notebook's `parameters`-tagged cell declares (name -> default), via papermill."
     import papermill as pm
     nb = Path(nb)
-    if not nb.is_file(): raise LayerpruneError(f'notebook {nb} not found')
-    params = pm.inspect_notebook(str(nb))
+    try: found = nb.is_file()
+    except (OSError, ValueError): found = False
+    if not found: raise LayerpruneError(f'notebook {nb} not found')
+    if nb.suffix != '.ipynb': raise LayerpruneError(f'{nb} is not a notebook (.ipynb)')
+    try: params = pm.inspect_notebook(str(nb))
+    except Exception as e: raise LayerpruneError(f'{nb} is not a readable notebook: {type(e).__name__}: {e}') from None
     if not params: raise LayerpruneError(f"{nb} has no cell tagged 'parameters'")
     return {k: v.get('default') for k, v in params.items()}
 
@@ -97,8 +103,9 @@ def check_models(jobs:list[Job]):
     for j in jobs:
         m = str(j.params.get('model_name', ''))
         if not m: continue
-        ok = (m in EMBEDDED or (m.startswith('tiny:') and m[5:] in ARCHS) or m.endswith('.gguf')
-              or Path(m).is_dir() or _looks_like_hub_id(m))
+        try: is_dir = Path(m).is_dir()
+        except (OSError, ValueError): is_dir = False
+        ok = m in EMBEDDED or (m.startswith('tiny:') and m[5:] in ARCHS) or m.endswith('.gguf') or is_dir or _looks_like_hub_id(m)
         if not ok: raise LayerpruneError(f'{j.name}[{j.profile}]: model {m!r} is not an embedded name, tiny:<arch>, path or hub id')
 
 def execute(job:Job, # what to run
@@ -128,39 +135,46 @@ def execute(job:Job, # what to run
     return job.output
 
 # %% ../nbs/06_runner.ipynb #eaff35dc
-def add_cli(sub):
-    p = sub.add_parser('run', help='regenerate paper figures by executing nbs/paper/ notebooks with papermill')
-    p.add_argument('runs', nargs='?', default='paper_runs.yaml', help='the run file (default: paper_runs.yaml)')
-    p.add_argument('--only', default='', help='comma-separated run names (default: all)')
-    p.add_argument('--profile', default='offline', help="'offline' (2 CPU cores, embedded models) or 'paper' (hub models)")
-    p.add_argument('--model', default=None, help='only the parameter sets of this model')
-    p.add_argument('--prepare-only', action='store_true', help='validate every run and print the plan; execute nothing')
-    p.add_argument('--out-dir', default='figures'); p.add_argument('--cache-dir', default='runs/cache')
-    p.add_argument('--runs-dir', default='runs', help='where executed notebooks go')
-    p.add_argument('--timeout', type=int, default=None, help='per-cell timeout (s)')
-    p.add_argument('--gpu', default=None, help="paper profile: the GPU the plan is checked against (default: the profile's defaults, else A100-80GB)")
-    p.set_defaults(func=_cli_run)
+from .cli import add_command, check_value, InFile, OutDir, PosInt
 
-def _cli_run(args):
-    spec = load_runs(args.runs)
-    root = Path(args.runs).resolve().parent
-    only = [s.strip() for s in args.only.split(',') if s.strip()] or None
-    jobs = plan(spec, args.profile, only, args.model, root=root, runs_dir=root/args.runs_dir)
+def _cli_run(runs:InFile='paper_runs.yaml', # the run file
+             /, *,
+             only:str='', # comma-separated run names (default: all)
+             profile:str='offline', # 'offline' (2 CPU cores, embedded models) or 'paper' (hub models)
+             model:str|None=None, # only the parameter sets of this model
+             prepare_only:bool=False, # validate every run and print the plan; execute nothing
+             out_dir:str='figures', # where figures go (relative to the run file's folder)
+             cache_dir:str='runs/cache', # cached intermediate results (relative to the run file's folder)
+             runs_dir:str='runs', # where executed notebooks go (relative to the run file's folder)
+             timeout:PosInt|None=None, # per-cell timeout (s)
+             gpu:str|None=None, # paper profile: the GPU the plan is checked against (default: the profile's defaults, else A100-80GB)
+             quiet=False, # no progress: neither papermill's cell bar nor the notebooks' progress lines
+            ):
+    "`layerprune run`: execute the paper notebooks of a run file with papermill."
+    spec = load_runs(runs)
+    root = Path(runs).resolve().parent
+    names = [s.strip() for s in only.split(',') if s.strip()] or None
+    jobs = plan(spec, profile, names, model, root=root, runs_dir=root/runs_dir)
     check_models(jobs)
-    if args.profile == 'paper':   # refuse before any work if a job cannot fit the GPU (see `layerprune plan`)
+    if profile == 'paper':   # refuse before any work if a job cannot fit the GPU (see `layerprune plan`)
         from layerprune.plan import check_plan, not_fitting
-        msg = not_fitting(check_plan(spec, jobs, args.profile, args.gpu))
+        msg = not_fitting(check_plan(spec, jobs, profile, gpu))
         if msg: raise LayerpruneError(f'refusing to run: {msg}')
     for i, j in enumerate(jobs, 1): print(f'[{i}/{len(jobs)}] {j}')
-    if args.prepare_only:
-        print(f'{len(jobs)} run(s) of profile {args.profile!r} validated; nothing executed (--prepare-only)')
+    if prepare_only:
+        print(f'{len(jobs)} run(s) of profile {profile!r} validated; nothing executed (--prepare-only)')
         return
+    for flag, d in (('--out-dir', out_dir), ('--cache-dir', cache_dir), ('--runs-dir', runs_dir)):
+        check_value(OutDir, str(root/d), flag, {'overwrite': True})   # existing folders are added to
     for i, j in enumerate(jobs, 1):
         t0 = time.time()
         print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model_name", "")}) ...', flush=True)
-        try: execute(j, root/args.out_dir, root/args.cache_dir, root=root, timeout=args.timeout)
+        try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout, quiet=quiet)
         except Exception as e:
             if type(e).__name__ == 'PapermillExecutionError':
                 raise LayerpruneError(f'{j.name} failed in {j.notebook} (see {j.output}): {e.ename}: {e.evalue}') from e
             raise
         print(f'[{i}/{len(jobs)}] done in {time.time()-t0:.0f}s -> {j.output}', flush=True)
+
+def add_cli(sub):
+    add_command(sub, 'run', _cli_run, help='regenerate paper figures by executing nbs/paper/ notebooks with papermill')

@@ -8,31 +8,46 @@ import math
 from dataclasses import dataclass, field, fields
 from fastcore.basics import patch
 from ..utils import LayerpruneError
+from ..papers import PAPER_MODELS, LU_HEALING
 
 # %% auto #0
-__all__ = ['METHODS', 'TARGETS', 'SCHEDULES', 'GROMOV_PEAK_LR', 'HealConfig']
+__all__ = ['METHODS', 'TARGETS', 'SCHEDULES', 'DTYPES', 'OPTIMIZERS', 'GROMOV_TABLE', 'GROMOV_PEAK_LR', 'GROMOV_PROSE_LR',
+           'ALPACA_CLEANED_ROWS', 'HealConfig', 'gromov_key']
 
 # %% ../../nbs/05a_heal_config.ipynb #9ae39786
 METHODS = ('qlora', 'lora', 'partial')
 TARGETS = ('ffn', 'all-linear')
 SCHEDULES = ('cosine', 'linear', 'constant')
+DTYPES = ('float32', 'bfloat16', 'float16')
+OPTIMIZERS = ('adamw', 'paged_adamw_8bit')
 
-# Peak learning rates for Gromov et al.'s healing runs. The paper gives one per model in its appendix table; we could not
-# read the table offline, so these are our values (3e-4 is the usual QLoRA peak LR for 7B-70B models): override `lr`.
-GROMOV_PEAK_LR = {'llama-2-70b': 3e-4, 'llama-2-13b': 3e-4, 'llama-2-7b': 3e-4, 'qwen-14b': 3e-4, 'qwen-7b': 3e-4,
-                  'mistral-7b': 3e-4, 'phi-2': 3e-4, 'smollm2-135m': 3e-4, 'gemma3-270m': 3e-4}
+# Gromov et al. (2024), "The Unreasonable Ineffectiveness of the Deeper Layers", appendix A.1, table of healing settings
+# (held in `layerprune.papers`): short model name -> (peak learning rate, LoRA rank, maximum sequence length).
+# 2048 tokens for models <= 7B, 4096 for >= 13B.
+def _short(hub_id:str) -> str: return hub_id.split('/')[-1].lower().removesuffix('-hf').removesuffix('-v0.1')
+_GROMOV_ROWS = {_short(k): v for k, v in PAPER_MODELS.items() if v['paper'] == 'gromov'}
+GROMOV_TABLE = {k: (v['peak_lr'], v['lora_rank'], v['max_seq_len']) for k, v in _GROMOV_ROWS.items()}
+GROMOV_PEAK_LR = {k: v[0] for k, v in GROMOV_TABLE.items()}
+# The same paper's prose: "3e-4 for all models except Phi-2 (3e-5) and Mistral-7B (3e-6)", which contradicts the table
+# for Phi-2 (table 2e-4) and Llama-2-70B (table 3e-5); the presets use the table's value and say so in `note`.
+GROMOV_PROSE_LR = {k: v['peak_lr_prose'] for k, v in _GROMOV_ROWS.items() if v['peak_lr_prose'] != v['peak_lr']}
+# Rows of `yahma/alpaca-cleaned` (Lu et al. fine-tune 2 epochs over it).
+ALPACA_CLEANED_ROWS = 51_760
 
 def _f(default, help): return field(default=default, metadata={'help': help})
 
 # %% ../../nbs/05a_heal_config.ipynb #ad7da2ca
 _INTS = dict(rank=1, steps=1, batch_size=1, micro_batch=1, save_every=1, seq_len=2, last_k=0, warmup=0, seed=None)
 _FLOATS = dict(lr=0, dropout=0, distill=0, weight_decay=0, max_grad_norm=0, alpha=0)  # lower bounds
+_CHOICES = (('method', 'healing method', METHODS), ('target', 'LoRA target', TARGETS), ('schedule', 'schedule', SCHEDULES),
+            ('optimizer', 'optimizer', OPTIMIZERS))
 
 def _check_config(c) -> None:
     "Raise `LayerpruneError` (one line) for the first invalid field of the `HealConfig` `c`."
     def bad(msg): raise LayerpruneError(msg)
-    for name, kind, ok in (('method', 'healing method', METHODS), ('target', 'LoRA target', TARGETS), ('schedule', 'schedule', SCHEDULES)):
+    for name, kind, ok in _CHOICES:
         if getattr(c, name) not in ok: bad(f'unknown {kind} {getattr(c, name)!r}; use one of {", ".join(ok)}')
+    if c.dtype is not None and c.dtype not in DTYPES: bad(f'unknown dtype {c.dtype!r}; use one of {", ".join(DTYPES)} (or None)')
     for name, lo in _INTS.items():
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
@@ -43,6 +58,8 @@ def _check_config(c) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
             bad(f'{name} must be a finite number >= {lo}, got {v!r}')
     if not isinstance(c.untie, bool): bad(f'untie must be True or False, got {c.untie!r}')
+    if c.gradient_checkpointing not in (None, True, False): bad(f'gradient_checkpointing must be True, False or None, got {c.gradient_checkpointing!r}')
+    if not isinstance(c.note, str): bad(f'note must be a string, got {c.note!r}')
     if c.lr == 0 or c.alpha == 0: bad(f'{"lr" if c.lr == 0 else "alpha"} must be > 0')
     if c.dropout >= 1: bad(f'dropout must be in [0, 1), got {c.dropout}')
     if c.micro_batch > c.batch_size or c.batch_size % c.micro_batch:
@@ -71,12 +88,19 @@ class HealConfig:
     max_grad_norm: float = _f(1.0, 'gradient clipping (0 = off)')
     seed: int = _f(0, 'seed for LoRA init, data order and dropout')
     save_every: int = _f(100, 'checkpoint every this many steps (with an output folder)')
+    dtype: str|None = _f(None, "dtype of the frozen weights and of the matmuls: 'float32', 'bfloat16', 'float16' or None (the model's); "
+                               "what trains is kept in float32 (master weights) under autocast; qlora: the 4-bit compute dtype")
+    optimizer: str = _f('adamw', "'adamw' (torch) or 'paged_adamw_8bit' (bitsandbytes, CUDA only; Lu et al.'s QLoRA setting)")
+    gradient_checkpointing: bool|None = _f(None, 'recompute activations in the backward pass (None: on for qlora, off otherwise)')
+    note: str = _f('', 'where the values come from (set by the presets; not used in training)')
 
     def __post_init__(self): _check_config(self)
     @property
     def lora_alpha(self) -> float: return self.rank if self.alpha is None else self.alpha
     @property
     def warmup_steps(self) -> int: return min(self.warmup, self.steps)
+    @property
+    def checkpointing(self) -> bool: return self.method == 'qlora' if self.gradient_checkpointing is None else self.gradient_checkpointing
     def help(self) -> dict: return {f.name: f.metadata['help'] for f in fields(self)}
 
 # %% ../../nbs/05a_heal_config.ipynb #a8b5b7fc
@@ -90,16 +114,40 @@ def lr_at(self:HealConfig, step:int) -> float:
     return self.lr * (0.5 * (1 + math.cos(math.pi * t)) if self.schedule == 'cosine' else 1 - t)
 
 # %% ../../nbs/05a_heal_config.ipynb #45b5d52c
-@patch(cls_method=True)
-def gromov(cls:HealConfig, model_name:str='', # model name or path, to look up its peak LR in `GROMOV_PEAK_LR`
-           **kw): # fields that replace the preset's values
-    "Gromov et al.'s healing recipe: QLoRA on the FFN, cosine, 100 warm-up, 5000 steps, global batch 16."
-    name = str(model_name).lower()
-    lr = next((v for k, v in GROMOV_PEAK_LR.items() if k in name), 3e-4)
-    return cls(**{**dict(method='qlora', target='ffn', lr=lr, warmup=100, steps=5000, batch_size=16, schedule='cosine'), **kw})
+def gromov_key(model_name:str, # hub id, local path or name
+              ) -> str|None:
+    "The `GROMOV_TABLE` key `model_name` refers to, or None (matched on word boundaries: '7b' never matches '70b')."
+    import re
+    name = str(model_name).lower().replace('_', '-')
+    return next((k for k in GROMOV_TABLE if re.search(r'(?<![a-z0-9.])' + re.escape(k) + r'(?![a-z0-9.])', name)), None)
 
 @patch(cls_method=True)
-def lu(cls:HealConfig, **kw): # fields that replace the preset's values
-    """Lu et al.'s best healing: partial-layer fine-tuning of lm_head + the last 3 layers. They fine-tune on Alpaca-style
-    SFT data (not available offline: we heal on wiki text); LR/batch/length follow the LLM-Pruner recipe they build on."""
-    return cls(**{**dict(method='partial', last_k=3, lr=1e-4, warmup=100, batch_size=64, seq_len=256, schedule='cosine'), **kw})
+def gromov(cls:HealConfig, model_name:str='', # model name or path, looked up in `GROMOV_TABLE`
+           **kw): # fields that replace the preset's values
+    "Gromov et al.'s healing recipe: QLoRA on the FFN, alpha = rank, dropout 0.05, cosine, 100 warm-up, 5000 steps, batch 16."
+    key = gromov_key(model_name)
+    if key is None:
+        (lr, rank, seq), note = (3e-4, 64, 2048), (f'{model_name!r} is not in Gromov et al.\'s table: using their usual peak LR 3e-4, '
+                                                   'LoRA rank 64 and 2048 tokens')
+    else:
+        (lr, rank, seq), note = GROMOV_TABLE[key], f'Gromov et al. table ({key}): peak LR {GROMOV_TABLE[key][0]:g}, rank {GROMOV_TABLE[key][1]}, seq {GROMOV_TABLE[key][2]}'
+        if key in GROMOV_PROSE_LR: note += f"; the paper's prose says LR {GROMOV_PROSE_LR[key]:g} (the table's value is used)"
+    base = dict(method='qlora', target='ffn', rank=rank, alpha=None, dropout=0.05, lr=lr, warmup=100, steps=5000, batch_size=16,
+                seq_len=seq, schedule='cosine', note=note)
+    return cls(**{**base, **kw})
+
+# %% ../../nbs/05a_heal_config.ipynb #02130e2a
+@patch(cls_method=True)
+def lu(cls:HealConfig, method:str='partial', # 'partial' (lm_head + last 3, their best), 'lora' or 'qlora' (their ablation rows)
+       train_size:int=ALPACA_CLEANED_ROWS, # training sequences per epoch (default: the rows of yahma/alpaca-cleaned)
+       epochs:float=LU_HEALING['epochs'], # epochs over them (steps = ceil(epochs * train_size / batch_size))
+       **kw): # fields that replace the preset's values
+    "Lu et al.'s fine-tuning: AdamW (paged 8-bit for QLoRA), LR 1e-5, batch 64, 100 warm-up, 2 epochs of Alpaca-cleaned, rank 8."
+    batch = kw.get('batch_size', LU_HEALING['global_batch'])
+    steps = max(1, math.ceil(epochs * train_size / batch))
+    note = (f'Lu et al.: {epochs:g} epochs x {train_size} sequences / batch {batch} = {steps} steps; their sequence length is not '
+            'stated: 256 tokens (the LLM-Pruner recipe they build on), one Alpaca example per sequence before packing')
+    base = dict(method=method, last_k=3, rank=LU_HEALING['lora_rank'], target='all-linear', lr=LU_HEALING['lr'],
+                warmup=LU_HEALING['warmup'], batch_size=LU_HEALING['global_batch'], seq_len=256, steps=steps,
+                schedule='cosine', optimizer='paged_adamw_8bit' if method == 'qlora' else 'adamw', note=note)
+    return cls(**{**base, **kw})

@@ -4,19 +4,21 @@
 
 # %% ../../nbs/05b_heal_prepare.ipynb #d1078d99
 from __future__ import annotations
-import hashlib, os, tempfile, warnings
+import functools, hashlib, json, math, os, re, shutil, tempfile, warnings
 from pathlib import Path
 import torch
 from torch import nn
-from ..utils import LayerpruneError, fmt_layers
-from ..models import decoder, unwrap
+from ..utils import LayerpruneError, fmt_layers, atomic_dir, check_output
+from ..models import decoder, unwrap, model_device, resolve_dtype, quantization_config
 from .config import HealConfig
 
 # %% auto #0
-__all__ = ['ffn_targets', 'check_disjoint', 'untie_embeddings', 'prepare', 'merge']
+__all__ = ['ffn_targets', 'check_disjoint', 'untie_embeddings', 'check_placement', 'autocast_forward', 'plain_forward', 'prepare',
+           'make_optimizer', 'merge', 'merge_lora_streaming', 'heal_from_pretrained']
 
 # %% ../../nbs/05b_heal_prepare.ipynb #8f051da6
-_FFN_NAMES = [('gate_proj', 'up_proj', 'down_proj'),       # llama, mistral, qwen2/3, gemma2/3
+_FFN_NAMES = [('gate_proj', 'up_proj', 'down_proj'),       # llama, mistral, qwen2/3, gemma/gemma2/3
+              ('mlp.w1', 'mlp.w2', 'mlp.c_proj'),           # original Qwen (QWenBlock; its attention has a c_proj too)
               ('fc1', 'fc2'),                               # phi, opt
               ('mlp.c_fc', 'mlp.c_proj'),                   # gpt2
               ('dense_h_to_4h', 'dense_4h_to_h')]           # gpt-neox
@@ -97,34 +99,110 @@ def _prepare_partial(model, config:HealConfig, info:dict) -> nn.Module:
     info['notes'].append(f'training lm_head + layers {fmt_layers(info["trained_layers"])}')
     return model
 
+# %% ../../nbs/05b_heal_prepare.ipynb #a2cd5140
+def check_placement(model:nn.Module, # the model to heal
+                   ) -> None:
+    "Refuse a model that cannot be healed as a whole: weights on 'meta' or disk (offloaded), or spread over CPU and GPU."
+    m = unwrap(model)
+    where = {str(v) for v in (getattr(m, 'hf_device_map', None) or {}).values()}
+    kinds = {p.device.type for p in m.parameters()}
+    if 'meta' in kinds or 'disk' in where or len(kinds) > 1 or ('cpu' in where and len(where) > 1):
+        raise LayerpruneError(f'cannot heal a model with offloaded weights (parameters on {sorted(kinds)}, device_map {sorted(where) or "none"}): '
+                              'offloaded layers would be neither trained nor written; load it on one device '
+                              '(quantization=nf4 fits Llama-2-70B on one 80 GB GPU)')
+
+# %% ../../nbs/05b_heal_prepare.ipynb #08621b0a
+def _model_dtype(model) -> torch.dtype: return decoder(unwrap(model)).embed.weight.dtype
+
+def autocast_forward(model:nn.Module, # the model that trains (changed in place)
+                     dtype:torch.dtype, # autocast dtype (nothing happens for float32)
+                    ) -> nn.Module:
+    "Make `model.forward` run under `torch.autocast(dtype)`; `plain_forward` undoes it."
+    if dtype == torch.float32 or '_lp_forward' in vars(model): return model
+    fwd, dev = model.forward, model_device(model).type
+    @functools.wraps(fwd)
+    def forward(*args, **kw):
+        with torch.autocast(dev, dtype=dtype): return fwd(*args, **kw)
+    vars(model).update(_lp_forward=fwd, _lp_dtype=dtype, forward=forward)
+    return model
+
+def plain_forward(model:nn.Module, # a model `autocast_forward` changed
+                 ) -> torch.dtype|None:
+    "Remove the autocast of `autocast_forward`; return its dtype (None if there was none)."
+    vars(model).pop('forward', None); vars(model).pop('_lp_forward', None)
+    return vars(model).pop('_lp_dtype', None)
+
+def _master_weights(model, dtype:torch.dtype, info:dict) -> None:
+    "Keep what trains in float32 over a `dtype` base, with the forward under autocast (nothing for a float32 base)."
+    if dtype == torch.float32: return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()
+    autocast_forward(model, dtype)
+    info['notes'].append(f'frozen weights in {str(dtype)[6:]}, trained weights in float32 (master weights), forward under autocast')
+
 # %% ../../nbs/05b_heal_prepare.ipynb #ee8598a0
 _QTMP = 'layerprune-qlora-'
 
 def _clean_dead_temporaries(parent:Path, prefix:str) -> None:
     "Remove folders `<prefix><pid>-*` in `parent` whose process `pid` no longer runs (left by a killed run)."
-    import shutil
     for p in Path(parent).glob(f'{prefix}*'):
         try: pid = int(p.name[len(prefix):].split('-')[0]); os.kill(pid, 0)
         except ProcessLookupError: shutil.rmtree(p, ignore_errors=True)
         except (ValueError, PermissionError, OSError): pass  # not ours, or the process still runs
 
-def _quantize_4bit(model, device):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def _is_quantized(model) -> bool: return any(type(m).__name__ in ('Linear4bit', 'Linear8bitLt') for m in model.modules())
+
+def _quantize_4bit(model, device, compute_dtype:torch.dtype):
+    "An NF4 copy of the in-memory `model` (through a temporary folder), computing in `compute_dtype`."
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     _clean_dead_temporaries(Path(tempfile.gettempdir()), _QTMP)
     with tempfile.TemporaryDirectory(prefix=f'{_QTMP}{os.getpid()}-') as d:
         model.save_pretrained(d)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)
         hf_logging.disable_progress_bar()
-        try: q = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, dtype=torch.float32, device_map={'': str(device)})
+        try: q = AutoModelForCausalLM.from_pretrained(d, quantization_config=quantization_config('nf4', compute_dtype),
+                                                      dtype=compute_dtype, device_map={'': str(device)})
         finally: hf_logging.enable_progress_bar()
     return q
 
 # %% ../../nbs/05b_heal_prepare.ipynb #a0419e20
+_GC = dict(gradient_checkpointing_kwargs={'use_reentrant': False})  # non-reentrant: works with frozen inputs and 4-bit layers
+
+def _own_memory(model) -> None:
+    "Give a CPU model's non-quantized tensors memory of their own, so that the mapping of the (full-precision) safetensors file it was loaded from is released."
+    if model_device(model).type != 'cpu': return
+    for p in model.parameters():
+        if p.dtype.is_floating_point: p.data = p.data.clone()
+    for mod in model.modules():
+        for k, b in mod._buffers.items():
+            if b is not None: mod._buffers[k] = b.clone()
+
+def _qlora_base(model, config:HealConfig, info:dict):
+    "The 4-bit base for `qlora` (the model itself if it is already quantized), prepared for k-bit training; its compute dtype."
+    from peft import prepare_model_for_kbit_training
+    if _is_quantized(model):
+        dt = resolve_dtype(config.dtype) if config.dtype else next(m.compute_dtype for m in model.modules() if hasattr(m, 'compute_dtype'))
+        for m in model.modules():
+            if hasattr(m, 'compute_dtype'): m.compute_dtype = dt
+        base = model; vars(base)['_lp_prequantized'] = True
+        info['notes'].append('the model was loaded quantized: only the adapter is the result (merge it with merge_lora_streaming)')
+    else:
+        dt = resolve_dtype(config.dtype) if config.dtype else _model_dtype(model)
+        base = _quantize_4bit(model, model_device(model), dt)
+        info['notes'].append('the full-precision model in memory was quantized to NF4 through a temporary folder and kept for '
+                             'the merge (heal_from_pretrained loads NF4 directly and holds no full-precision copy)')
+    _own_memory(base)  # on the CPU, weights loaded zero-copy would keep the whole file resident
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.checkpointing, **_GC)
+    return base, dt
+
 def _prepare_lora(model, config:HealConfig, info:dict) -> nn.Module:
-    "Wrap `model` (first quantized to 4-bit NF4 for `qlora`) with LoRA adapters on `config.target`."
+    "Wrap `model` (in 4-bit NF4 for `qlora`) with LoRA adapters on `config.target`; fp32 adapters over a half base."
     from peft import LoraConfig, get_peft_model
-    base = _quantize_4bit(model, next(model.parameters()).device) if config.method == 'qlora' else model
+    if config.method == 'qlora': base, dt = _qlora_base(model, config, info)
+    else:
+        base, dt = model, resolve_dtype(config.dtype) if config.dtype else _model_dtype(model)
+        if _model_dtype(model) != dt: model.to(dt)
+        if config.checkpointing: base.gradient_checkpointing_enable(**_GC)
     targets = ffn_targets(base) if config.target == 'ffn' else 'all-linear'
     lcfg = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout, target_modules=targets,
                       task_type='CAUSAL_LM', fan_in_fan_out=base.config.model_type == 'gpt2')
@@ -132,47 +210,207 @@ def _prepare_lora(model, config:HealConfig, info:dict) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         train_model = get_peft_model(base, lcfg)
-    info['targets'] = targets
+    _master_weights(train_model, dt, info)
+    info.update(targets=targets, dtype=str(dt)[6:])
     return train_model
 
 # %% ../../nbs/05b_heal_prepare.ipynb #c315738c
 def prepare(model:nn.Module, # the (pruned) model; `lora`/`partial` modify it in place
-            config:HealConfig, # the healing recipe (`method`, `rank`, `target`, `last_k`, `untie`, `seed` matter here)
+            config:HealConfig, # the healing recipe (`method`, `rank`, `target`, `last_k`, `untie`, `seed`, `dtype` matter here)
            ) -> tuple[nn.Module, dict]:
     "Return `(trainable model, info)` for `config.method`; `info` says what trains and what was changed."
+    check_placement(model)
     info = dict(method=config.method, notes=[], untied=False, tied=_is_tied(model))
     torch.manual_seed(config.seed)
-    train_model = (_prepare_partial if config.method == 'partial' else _prepare_lora)(model, config, info)
+    if config.method == 'partial':
+        dt = resolve_dtype(config.dtype) if config.dtype else _model_dtype(model)
+        if _model_dtype(model) != dt: model.to(dt)
+        train_model = _prepare_partial(model, config, info)
+        if config.checkpointing: model.gradient_checkpointing_enable(**_GC)
+        _master_weights(model, dt, info); info['dtype'] = str(dt)[6:]
+    else: train_model = _prepare_lora(model, config, info)
     info['trainable_names'] = [n for n, p in train_model.named_parameters() if p.requires_grad]
     info['trainable_params'] = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     info['total_params'] = sum(p.numel() for p in unwrap(train_model).parameters())
     return train_model, info
 
+# %% ../../nbs/05b_heal_prepare.ipynb #a17588da
+def make_optimizer(params:list, # the parameters that train
+                   config:HealConfig, # `optimizer`, `lr` and `weight_decay` matter
+                   notes:list|None=None, # a fallback is noted here
+                  ):
+    "torch AdamW, or bitsandbytes' paged 8-bit AdamW (CUDA only: on the CPU it falls back to AdamW, with a note and a warning)."
+    if config.optimizer == 'paged_adamw_8bit':
+        if torch.cuda.is_available() and all(p.device.type == 'cuda' for p in params):
+            import bitsandbytes as bnb
+            return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+        msg = "optimizer='paged_adamw_8bit' needs CUDA (it pages optimizer state between GPU and CPU memory): using torch AdamW"
+        warnings.warn(msg)
+        if notes is not None: notes.append(msg)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
 # %% ../../nbs/05b_heal_prepare.ipynb #c3e6d7cb
 @torch.no_grad()
 def _merge_qlora(train_model, model) -> nn.Module:
-    "Write de-quantized 4-bit weights plus LoRA deltas of `train_model` into the fp32 `model`."
-    import bitsandbytes as bnb, bitsandbytes.functional as F
+    "Add the LoRA deltas of `train_model` to the original (full-precision) weights of `model`."
     from peft.tuners.lora import LoraLayer
-    def dq(layer): return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     target = dict(model.named_modules())
     for name, mod in train_model.get_base_model().named_modules():
         if isinstance(mod, LoraLayer):
-            base = mod.get_base_layer()
-            W = (dq(base) if isinstance(base, bnb.nn.Linear4bit) else base.weight.float()) + mod.get_delta_weight('default').float()
-        elif isinstance(mod, bnb.nn.Linear4bit) and '.base_layer' not in name: W = dq(mod)
-        else: continue
-        t = target[name]
-        t.weight.data.copy_(W.reshape(t.weight.shape).to(t.weight.dtype))
+            w = target[name].weight
+            w.copy_((w.float() + mod.get_delta_weight('default').float().reshape(w.shape)).to(w.dtype))
     return model.eval()
+
+def _no_checkpointing(m):
+    on = getattr(m, 'is_activation_checkpointing', None)  # transformers >= 5.2; older: is_gradient_checkpointing
+    if on or (on is None and getattr(m, 'is_gradient_checkpointing', False)): m.gradient_checkpointing_disable()
 
 @torch.no_grad()
 def merge(train_model:nn.Module, # what `prepare` returned (after training)
-          model:nn.Module, # the fp32 model `prepare` was given
+          model:nn.Module, # the model `prepare` was given
           method:str, # `HealConfig.method`
          ) -> nn.Module:
-    "A plain transformers model with the training result merged in (in eval mode)."
+    "A plain transformers model with the training result merged in (in eval mode), in the dtype it came in."
     if isinstance(train_model, nn.parallel.DistributedDataParallel): train_model = train_model.module
-    if method == 'partial': return model.eval()
-    if method == 'lora': return train_model.merge_and_unload().eval()
-    return _merge_qlora(train_model, model)
+    dt = plain_forward(train_model)
+    if method == 'partial':
+        if dt is not None:
+            for p in model.parameters():
+                if p.dtype == torch.float32: p.data = p.data.to(dt)
+        _no_checkpointing(model); return model.eval()
+    if method == 'qlora' and vars(train_model.get_base_model()).get('_lp_prequantized'): return train_model.eval()
+    out = train_model.merge_and_unload() if method == 'lora' else _merge_qlora(train_model, model)
+    _no_checkpointing(out)
+    return out.eval()
+
+# %% ../../nbs/05b_heal_prepare.ipynb #3df7b362
+_LAYER_RE = re.compile(r'^((?:.*?\.)?(?:layers|h))\.(\d+)\.(.+)$')
+_SKIP = ('.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.gguf', '.h5', '.msgpack')
+
+def _base_files(folder:Path) -> list[str]:
+    idx = folder/'model.safetensors.index.json'
+    if idx.exists(): return sorted(set(json.loads(idx.read_text())['weight_map'].values()))
+    if (folder/'model.safetensors').exists(): return ['model.safetensors']
+    raise LayerpruneError(f'{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json)')
+
+def _adapter(folder:Path) -> tuple[dict, float, bool]:
+    "`({module name: {'A': tensor, 'B': tensor}}, scale, fan_in_fan_out)` of a saved peft LoRA adapter."
+    from safetensors.torch import load_file
+    if not (folder/'adapter_config.json').exists(): raise LayerpruneError(f'{folder} is not a peft adapter folder (no adapter_config.json)')
+    cfg = json.loads((folder/'adapter_config.json').read_text())
+    if cfg.get('peft_type', 'LORA') != 'LORA' or cfg.get('rank_pattern') or cfg.get('alpha_pattern') or cfg.get('use_dora'):
+        raise LayerpruneError(f'{folder}: only plain LoRA adapters (one rank and alpha, no DoRA) can be merged')
+    r, alpha = cfg['r'], cfg['lora_alpha']
+    fac = {}
+    for k, v in load_file(str(folder/'adapter_model.safetensors')).items():
+        m = re.match(r'^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$', k)
+        if not m: raise LayerpruneError(f'{folder}: unexpected tensor {k} (only LoRA A/B weights can be merged)')
+        fac.setdefault(m[1], {})[m[2]] = v
+    return fac, (alpha / math.sqrt(r) if cfg.get('use_rslora') else alpha / r), bool(cfg.get('fan_in_fan_out'))
+
+def _pruned_config(cfg:dict, removed:list, dtype) -> dict:
+    key = next(k for k in ('num_hidden_layers', 'n_layer', 'num_layers') if k in cfg)
+    L = cfg[key]; cfg = {**cfg, key: L - len(removed)}
+    if isinstance(cfg.get('layer_types'), list) and len(cfg['layer_types']) == L:
+        cfg['layer_types'] = [t for i, t in enumerate(cfg['layer_types']) if i not in removed]
+    cfg.pop('quantization_config', None)
+    if dtype is not None: cfg['torch_dtype'] = cfg['dtype'] = str(dtype)[6:]
+    return cfg
+
+# %% ../../nbs/05b_heal_prepare.ipynb #3938a7d2
+def _pieces(handles:dict, L:int, removed:list) -> dict:
+    "Output piece (-1: everything outside the decoder layers, else the new layer index) -> [(file, name, new name)]."
+    new = {i: j for j, i in enumerate(i for i in range(L) if i not in removed)}
+    out = {}
+    for f, h in handles.items():
+        for name in h.keys():
+            m = _LAYER_RE.match(name)
+            if m and int(m[2]) < L:
+                if int(m[2]) in removed: continue
+                out.setdefault(new[int(m[2])], []).append((f, name, f'{m[1]}.{new[int(m[2])]}.{m[3]}'))
+            else: out.setdefault(-1, []).append((f, name, name))
+    return out
+
+def merge_lora_streaming(base_folder, # the ORIGINAL (unpruned) model folder with safetensors weights
+                         adapter_folder, # a peft LoRA adapter trained on the pruned model (`save_pretrained`)
+                         removed_layers, # 0-based indices (of the original model) of the removed layers
+                         out_folder, # where the merged, pruned model is written
+                         dtype=None, # dtype of the written weights (None: as stored in `base_folder`)
+                         overwrite:bool=False, # replace an existing `out_folder`
+                         extra_files=(), # more files copied into `out_folder` (tokenizer, logs)
+                        ) -> Path:
+    "Write the pruned base model plus the LoRA deltas, reading and writing one decoder layer at a time."
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    base, ad = Path(base_folder), Path(adapter_folder)
+    out = check_output(out_folder, 'dir', overwrite, 'output folder')
+    cfg = json.loads((base/'config.json').read_text())
+    L = next((cfg[k] for k in ('num_hidden_layers', 'n_layer', 'num_layers') if k in cfg), None)
+    removed = sorted({int(i) for i in removed_layers})
+    if L is None or any(not 0 <= i < L for i in removed) or len(removed) >= L:
+        raise LayerpruneError(f'removed layers {fmt_layers(removed)} do not fit a model of {L} layers (0-based)')
+    fac, scale, fan = _adapter(ad); dt = resolve_dtype(dtype) if dtype else None
+    handles = {f: safe_open(str(base/f), 'pt') for f in _base_files(base)}
+    pieces, used, weight_map, total = _pieces(handles, L, removed), set(), {}, 0
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for n, key in enumerate(sorted(pieces)):
+            fname, tensors = f'model-{n + 1:05d}-of-{len(pieces):05d}.safetensors', {}
+            for f, name, new_name in pieces[key]:
+                t, mod = handles[f].get_tensor(name), new_name.removesuffix('.weight')
+                if new_name.endswith('.weight') and mod in fac:
+                    delta = (fac[mod]['B'].float() @ fac[mod]['A'].float()) * scale
+                    t = (t.float() + (delta.T if fan else delta)).to(t.dtype); used.add(mod)
+                tensors[new_name] = t.to(dt) if dt is not None and t.is_floating_point() else t
+                weight_map[new_name] = fname; total += tensors[new_name].numel() * tensors[new_name].element_size()
+            save_file(tensors, str(tmp/fname), metadata={'format': 'pt'}); del tensors
+        if set(fac) - used: raise LayerpruneError(f'adapter modules not found in {base}: {sorted(set(fac) - used)[:3]}')
+        (tmp/'model.safetensors.index.json').write_text(json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map), indent=1))
+        (tmp/'config.json').write_text(json.dumps(_pruned_config(cfg, removed, dt), indent=2))
+        for p in [p for p in base.iterdir() if p.is_file() and not p.name.endswith(_SKIP) and p.name != 'config.json'] + [Path(p) for p in extra_files]:
+            if not p.name.endswith(('.safetensors.index.json',) + _SKIP): shutil.copyfile(p, tmp/p.name)
+    return out
+
+# %% ../../nbs/05b_heal_prepare.ipynb #0751105b
+def _model_folder(model_name:str, trust_remote_code:bool) -> Path:
+    "The local folder holding `model_name`'s config and safetensors (a hub id: its cached snapshot, downloaded if allowed)."
+    from layerprune.models import resolve_model
+    src = resolve_model(model_name)
+    if Path(src).is_dir(): return Path(src)
+    from huggingface_hub import snapshot_download
+    pats = ['*.json', '*.safetensors', '*.model', '*.txt', '*.tiktoken'] + (['*.py'] if trust_remote_code else [])
+    try: return Path(snapshot_download(src, allow_patterns=pats))
+    except Exception as e: raise LayerpruneError(f'could not get the files of {model_name!r}: {type(e).__name__}: {str(e)[:200]}') from None
+
+def heal_from_pretrained(model_name:str, # anything `load_model` takes whose weights are safetensors
+                         layers, # 0-based indices of the layers to remove
+                         config:HealConfig, # the healing recipe
+                         train_texts:list[str], # healing text
+                         out_dir, # the healed model (qlora: the adapter goes to `<out_dir>.adapter`)
+                         validation_texts=None, resume:bool=False, overwrite:bool=False, progress:bool=True, # as for `heal`
+                         trust_remote_code:bool=False, # run the model's own code (original Qwen)
+                        ) -> tuple[Path, dict]:
+    "Load, prune and heal `model_name` without a full-precision copy for qlora; return `(out_dir, training log)`."
+    from layerprune.models import load_model
+    from layerprune.prune import drop_layers
+    from layerprune.heal.train import heal
+    out = check_output(out_dir, 'dir', overwrite, 'output folder')
+    folder = _model_folder(model_name, trust_remote_code)
+    cfg = json.loads((folder/'config.json').read_text())
+    L = next((v for k, v in cfg.items() if k in ('num_hidden_layers', 'n_layer')), None)
+    stored = cfg.get('dtype') or cfg.get('torch_dtype')  # lora/partial keep the dtype the weights are stored in
+    layers = sorted({int(i) for i in layers})
+    if L is None or any(not 0 <= i < L for i in layers) or len(layers) >= L:
+        raise LayerpruneError(f'layers {fmt_layers(layers)} do not fit {model_name} ({L} layers, 0-based)')
+    q = config.method == 'qlora'
+    dtype = config.dtype or ('bfloat16' if q else stored if stored in ('float32', 'bfloat16', 'float16') else None)
+    model, tok = load_model(str(folder), dtype=dtype, quantization='nf4' if q else 'none',
+                            trust_remote_code=trust_remote_code)
+    check_placement(model); drop_layers(model, layers)
+    adapter = out.with_name(out.name + '.adapter') if q else out
+    _, log = heal(model, tok, config, train_texts, adapter, validation_texts=validation_texts, resume=resume,
+                  overwrite=overwrite, progress=progress)
+    if not q: return out, log
+    del model, _
+    extra = [p for p in adapter.iterdir() if p.is_file() and not p.name.startswith(('adapter_', 'README'))]
+    merge_lora_streaming(folder, adapter, layers, out, overwrite=overwrite, extra_files=extra)
+    return out, log
