@@ -473,15 +473,16 @@ def finetune_comparison(model_name, # a name or a `ModelRef`
                         **config, # common `HealConfig` fields
                        ) -> dict:
     "`{sweep, best_lr, rows}`: each swept method's validation loss per rate, the chosen rates, and every method at its rate."
+    base = lambda m: 'lora' if m in ('lora', 'qlora') else m.split('-')[0]
+    kind = lambda m: next((s for s in rates if base(s) == base(m)), None)
+    bad = [m for m in methods if kind(m) is None]
+    if bad: raise LayerpruneError(f'no swept rate for {", ".join(bad)}: sweep a method of its kind ({", ".join(rates)})')
     swept = heal_sweep(model_name, [strategy], [fraction], [dict(method=m, lr=lr, label=f'{m} lr={lr:g}') for m, lrs in rates.items()
                        for lr in lrs], text, train_docs, val_docs, eval_seq_len, dtype=dtype, cache_dir=cache_dir, **config)
     loss_at = lambda m, lr: next(r['loss_healed'] for r in swept['rows'] if r['label'] == f'{m} lr={lr:g}')
     best = {m: min(lrs, key=lambda lr: loss_at(m, lr)) for m, lrs in rates.items()}
-    base = lambda m: 'lora' if m in ('lora', 'qlora') else m.split('-')[0]
-    kind = lambda m: next((s for s in rates if base(s) == base(m)), None)
     rows, n = [], swept['ns'][0]
     for m in methods:
-        if kind(m) is None: raise LayerpruneError(f'no swept rate for {m!r}: sweep a method of its kind ({", ".join(rates)})')
         r = healed_eval_point(model_name, strategy, n, heal_config(m, **{**config, 'lr': best[kind(m)]}), evals, text, train_docs,
                               val_docs, eval_seq_len, dtype=dtype, cache_dir=cache_dir)
         ok = [a for a in r['accuracy'].values() if a.get('status') == 'ok' and a.get('acc') is not None]
