@@ -291,7 +291,8 @@ def test_bad_input_clear_error_nothing_written(tmp_path, capsys):
     pruned = pruned_tiny(); pruned.save_pretrained(tmp_path/'pruned'); tiny_tokenizer().save_pretrained(tmp_path/'pruned')
     (tmp_path/'leak.txt').write_text('\n\n'.join(load_texts('wiki', 'train', n=50) + load_texts('wiki', 'validation', n=1)))
     out = tmp_path/'out'
-    base = ['heal', '--model', str(tmp_path/'pruned'), '--out', str(out), '--steps', '2', '--seq-len', '32', '--batch-size', '4']
+    base = ['heal', '--model', str(tmp_path/'pruned'), '--out', str(out), '--steps', '2', '--seq-len', '32', '--batch-size', '4',
+            '--rank', '4']   # the gromov preset's rank for unknown models (64) exceeds the tiny model's width
     cases = [(['--method', 'sgd'], 'unknown healing method'), (['--method', 'lora', '--rank', '0'], 'rank must be'),
              (['--method', 'partial', '--last-k', '5'], 'larger than the number of decoder layers'),
              (['--method', 'lora', '--steps', '0'], 'steps must be'),
