@@ -127,7 +127,7 @@ def execute(job:Job, # what to run
     try:
         pm.execute_notebook(str(job.notebook), str(job.output), parameters=params, kernel_name=kernel, cwd=str(root),
                             execution_timeout=timeout, progress_bar=not quiet and sys.stderr.isatty(),
-                            log_output=not quiet, stdout_file=None if quiet else sys.stdout, stderr_file=None if quiet else sys.stderr)
+                            log_output=False, stdout_file=None if quiet else sys.stdout, stderr_file=None if quiet else sys.stderr)
     finally:
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
