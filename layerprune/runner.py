@@ -121,6 +121,7 @@ def execute(job:Job, # what to run
     job.output.parent.mkdir(parents=True, exist_ok=True)
     params = dict(job.params, out_dir=str(out_dir), cache_dir=str(cache_dir))
     # the kernel inherits this environment: its progress() prints plain lines, which papermill streams to our stderr
+    # (once: with log_output it would also log every line as a warning)
     env = dict(LAYERPRUNE_PROGRESS='lines', LAYERPRUNE_QUIET='1' if quiet else '')
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
