@@ -250,9 +250,10 @@ def distance_samples(model, # a loaded causal LM
     "Per-document last-token angular distance matrices, float64 `[documents, L+1, L+1]` (their mean is `angular_distances`')."
     if not texts: raise LayerpruneError('no texts to measure distances on')
     L, dev, out = decoder(model).num_layers, next(model.parameters()).device, []
+    bar = progress_bar(total=len(texts), desc='per-document distances', unit='doc')
     for batch in batches(texts, tokenizer, seq_len, batch_size):
         batch = {k: v.to(dev) for k, v in batch.items()}
-        idx = last_token_index(batch['attention_mask'])
+        idx = last_token_index(batch['attention_mask']); bar.update(len(idx))
         select = lambda h: h[torch.arange(h.shape[0], device=h.device), idx].detach().float()
         with torch.inference_mode(), capture_states(model, select) as xs: _forward_backbone(model, batch)
         out.append(_batch_distances(xs, batch['attention_mask'], False).double().cpu())
