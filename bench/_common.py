@@ -3,24 +3,7 @@ import json, os, statistics, sys, threading, time, subprocess
 from pathlib import Path
 import torch
 
-def rss_bytes() -> int:
-    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-class PeakMemory:
-    "Peak memory above the level at entry: CUDA max-allocated on a GPU, else sampled RSS (every 1 ms)."
-    def __init__(self, device='cpu'): self.cuda = str(device).startswith('cuda')
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = rss_bytes(); self.stop = False
-            def loop():
-                while not self.stop: self.peak = max(self.peak, rss_bytes()); time.sleep(0.001)
-            self.t = threading.Thread(target=loop, daemon=True); self.t.start()
-        return self
-    def __exit__(self, *a):
-        if self.cuda: torch.cuda.synchronize(); self.delta = torch.cuda.max_memory_allocated() - self.base
-        else: self.stop = True; self.t.join(); self.peak = max(self.peak, rss_bytes()); self.delta = self.peak - self.base
+from layerprune.utils import PeakMemory, rss_bytes   # the package's one peak-memory meter (CUDA max-allocated, else RSS)
 
 def timed(fn, device='cpu'):
     if str(device).startswith('cuda'): torch.cuda.synchronize()
