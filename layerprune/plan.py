@@ -310,8 +310,8 @@ def _heal_runs(a, p, mode, seen, gpu, b, points, method, opt_bytes, target='ffn'
     base.parts['activations'] = max(base.parts['activations'], logits_bytes(8, T, a.V) + 8 * T * a.d * 2)   # mean_nll: full logits
     st.append(base)
     for n, rank, k, m in points:
-        st.append(stage_heal(a, m, a.L - n, p['steps'], p['batch_size'], p['seq_len'], rank=rank, target=target,
-                             last_k=k, opt_bytes=opt_bytes))
+        st.append(stage_heal(a, m, a.L - n, p['steps'], p['batch_size'], p['seq_len'], micro=p.get('micro_batch'),
+                             rank=rank, target=target, last_k=k, opt_bytes=opt_bytes))
         st[-1].flops += 2 * ev * T * fwd_flops(a, a.L - n, T)   # validation loss before and after
     return st
 
