@@ -135,7 +135,7 @@ def execute(job:Job, # what to run
             else: os.environ[k] = v
     return job.output
 
-# %% ../nbs/06_runner.ipynb #a1a07218
+# %% ../nbs/06_runner.ipynb #8d41a5c3
 from .cli import add_command, check_value, InFile, OutDir, PosInt
 
 def _cli_run(runs:InFile='paper_runs.yaml', # the run file
@@ -190,8 +190,13 @@ def _smoke(jobs, where, root, timeout, quiet):
     t0 = time.time(); where.mkdir(parents=True, exist_ok=True)
     sjobs = smoke_jobs(jobs, where, base=root)
     cache = Path(tempfile.mkdtemp(dir=where, prefix='cache-'))   # every point computed again: a smoke run tests the code
+    # one thread per kernel: at width 64 a 2-thread OpenMP matmul waits ~30 ms on a busy core (1000x the work itself)
+    threads = os.environ.get('OMP_NUM_THREADS'); os.environ['OMP_NUM_THREADS'] = '1'
     try: _execute_all(sjobs, where/'figures', cache, root, timeout, quiet)
-    finally: shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if threads is None: os.environ.pop('OMP_NUM_THREADS', None)
+        else: os.environ['OMP_NUM_THREADS'] = threads
     print(f'smoke: {len(sjobs)} job(s) passed in {time.time()-t0:.0f}s (stand-ins, figures and notebooks: {where})')
 
 def add_cli(sub):
