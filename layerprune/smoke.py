@@ -13,7 +13,7 @@ from .utils import LayerpruneError, atomic_write_text, digest, slug
 __all__ = ['STANDIN_TYPES', 'STANDIN_WIDTH', 'SMOKE_SIZES', 'standin_config', 'build_standin', 'smoke_params', 'local_alpaca',
            'smoke_jobs']
 
-# %% ../nbs/06b_smoke.ipynb #16efaf43
+# %% ../nbs/06b_smoke.ipynb #f003895f
 STANDIN_TYPES = {'llama': 'llama', 'mistral': 'mistral', 'phi': 'phi', 'qwen2': 'qwen2',
                  'qwen': 'qwen2'}   # original Qwen (remote code) -> transformers' Qwen2 (same maths, other module names)
 STANDIN_WIDTH = dict(hidden=64, heads=4, ffn=128)   # the width of every stand-in; the layer count is the model's own
@@ -24,6 +24,7 @@ def standin_config(model_id:str, # a paper model's hub id (`layerprune.papers.PA
                    heads:int=STANDIN_WIDTH['heads'], # attention heads (key/value heads keep the model's ratio, at least 1)
                    ffn:int=STANDIN_WIDTH['ffn'], # FFN width
                    vocab:int=320, # the stand-in tokenizer's vocabulary
+                   context:int=256, # positions: lm-eval truncates its requests (e.g. 5-shot MMLU prompts) to this
                   ):
     "A transformers config with `model_id`'s architecture and number of decoder layers, shrunk in width."
     from transformers import AutoConfig
@@ -33,7 +34,7 @@ def standin_config(model_id:str, # a paper model's hub id (`layerprune.papers.PA
     if mt is None: raise LayerpruneError(f'no stand-in architecture for model type {c["model_type"]!r} ({model_id})')
     kv = max(1, heads * c.get('num_key_value_heads', c['num_attention_heads']) // c['num_attention_heads'])
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=c['num_hidden_layers'],
-              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=min(c.get('max_position_embeddings', 2048), 4096),
+              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=context,
               bos_token_id=1, eos_token_id=1, pad_token_id=None, **{k: c[k] for k in _CARRIED if k in c})
     if mt == 'llama' and c.get('layout', {}).get('attention_bias'): kw['attention_bias'] = True
     cfg = AutoConfig.for_model(mt, **kw)

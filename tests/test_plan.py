@@ -124,3 +124,17 @@ def test_paper_profile_heals_with_the_papers_settings():
         assert (p['text'], p['batch_size'], p['warmup'], p['rank']) == ('alpaca', LU_HEALING['global_batch'], LU_HEALING['warmup'], LU_HEALING['lora_rank'])
         assert LU_HEALING['lr'] in p['partial_lrs'] and p['tasks'] == LU_HEALING['eval']['tasks']
     assert seen == 4
+
+
+def test_smoke_runs_a_paper_job_on_its_standin(tmp_path):
+    "`run --profile paper --smoke`: Llama-2-70B's job on its 80-layer random stand-in, local text, tiny sizes; output only under RUNS_DIR/smoke."
+    r = run_cli('run', 'paper_runs.yaml', '--profile', 'paper', '--smoke', '--only', 'fig1c', '--model', 'meta-llama/Llama-2-70b-hf',
+                '--runs-dir', tmp_path/'runs', '--out-dir', tmp_path/'figs', '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    smoke = tmp_path/'runs'/'smoke'
+    fig = json.loads(next(f for f in (smoke/'figures').glob('fig1c_*.json') if not f.name.endswith('.run.json')).read_text())
+    assert (fig['num_layers'], fig['num_samples'], fig['seq_len'], fig['text']) == (80, 4, 16, 'wiki')
+    card = json.loads(next((smoke/'models').glob('meta-llama_Llama-2-70b-hf-*/standin.json')).read_text())
+    assert (card['architecture'], card['layers'], card['dtype']) == ('LlamaForCausalLM', 80, 'float16')
+    assert not (tmp_path/'figs').exists() and not list(smoke.glob('cache-*'))   # figures/ untouched; the fresh cache removed
+    assert 'smoke: 1 job(s) passed' in r.stdout
