@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow check-sync readme claims lab figures clean-runs gpu-check docs docs-deps
+.PHONY: install demo test test-slow check-sync readme claims lab figures clean-runs gpu-check docs docs-deps smoke
 
 $(STAMP): requirements.txt requirements-data.txt setup.py settings.ini
 	test -x $(PY) || python3 -m venv .venv
@@ -28,6 +28,11 @@ demo: install
 test: install
 	$(BIN)/nbdev_test --n_workers 2 --skip_folder_re '^(paper|[_.])' 
 	$(BIN)/pytest -q tests
+
+# every job of the paper profile end to end on CPU: random stand-ins of the paper models (their shipped configs,
+# shrunk in width, every layer kept), local text, tiny sizes (layerprune.smoke); output under runs/smoke/
+smoke: install
+	$(BIN)/layerprune run paper_runs.yaml --profile paper --smoke --quiet
 
 # the slow notebook cells too (CI runs them only if time allows)
 test-slow: install

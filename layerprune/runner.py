@@ -135,7 +135,7 @@ def execute(job:Job, # what to run
             else: os.environ[k] = v
     return job.output
 
-# %% ../nbs/06_runner.ipynb #eaff35dc
+# %% ../nbs/06_runner.ipynb #8d41a5c3
 from .cli import add_command, check_value, InFile, OutDir, PosInt
 
 def _cli_run(runs:InFile='paper_runs.yaml', # the run file
@@ -144,6 +144,7 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
              profile:str='offline', # 'offline' (2 CPU cores, embedded models) or 'paper' (hub models)
              model:str|None=None, # only the parameter sets of this model
              prepare_only:bool=False, # validate every run and print the plan; execute nothing
+             smoke:bool=False, # run every job with a random stand-in of its model, local text and tiny sizes (`layerprune.smoke`); everything goes to RUNS_DIR/smoke/
              out_dir:str='figures', # where figures go (relative to the run file's folder)
              cache_dir:str='runs/cache', # cached intermediate results (relative to the run file's folder)
              runs_dir:str='runs', # where executed notebooks go (relative to the run file's folder)
@@ -167,15 +168,36 @@ def _cli_run(runs:InFile='paper_runs.yaml', # the run file
         return
     for flag, d in (('--out-dir', out_dir), ('--cache-dir', cache_dir), ('--runs-dir', runs_dir)):
         check_value(OutDir, str(root/d), flag, {'overwrite': True})   # existing folders are added to
+    if smoke: return _smoke(jobs, root/runs_dir/'smoke', root, timeout, quiet)
+    _execute_all(jobs, root/out_dir, root/cache_dir, root, timeout, quiet)
+
+def _execute_all(jobs, out_dir, cache_dir, root, timeout, quiet):
+    "Execute `jobs` in order, one line per start and end; a failed notebook stops the run with one error line."
     for i, j in enumerate(jobs, 1):
         t0 = time.time()
         print(f'[{i}/{len(jobs)}] executing {j.name} ({j.params.get("model_name", "")}) ...', flush=True)
-        try: execute(j, root/out_dir, root/cache_dir, root=root, timeout=timeout, quiet=quiet)
+        try: execute(j, out_dir, cache_dir, root=root, timeout=timeout, quiet=quiet)
         except Exception as e:
             if type(e).__name__ == 'PapermillExecutionError':
                 raise LayerpruneError(f'{j.name} failed in {j.notebook} (see {j.output}): {e.ename}: {e.evalue}') from e
             raise
         print(f'[{i}/{len(jobs)}] done in {time.time()-t0:.0f}s -> {j.output}', flush=True)
+
+def _smoke(jobs, where, root, timeout, quiet):
+    "Smoke-run `jobs` (`layerprune.smoke.smoke_jobs`) with a fresh cache, figures and notebooks under `where`."
+    import shutil, tempfile
+    from layerprune.smoke import smoke_jobs
+    t0 = time.time(); where.mkdir(parents=True, exist_ok=True)
+    sjobs = smoke_jobs(jobs, where, base=root)
+    cache = Path(tempfile.mkdtemp(dir=where, prefix='cache-'))   # every point computed again: a smoke run tests the code
+    # one thread per kernel: at width 64 a 2-thread OpenMP matmul waits ~30 ms on a busy core (1000x the work itself)
+    threads = os.environ.get('OMP_NUM_THREADS'); os.environ['OMP_NUM_THREADS'] = '1'
+    try: _execute_all(sjobs, where/'figures', cache, root, timeout, quiet)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if threads is None: os.environ.pop('OMP_NUM_THREADS', None)
+        else: os.environ['OMP_NUM_THREADS'] = threads
+    print(f'smoke: {len(sjobs)} job(s) passed in {time.time()-t0:.0f}s (stand-ins, figures and notebooks: {where})')
 
 def add_cli(sub):
     add_command(sub, 'run', _cli_run, help='regenerate paper figures by executing nbs/paper/ notebooks with papermill')

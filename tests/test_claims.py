@@ -41,3 +41,11 @@ def test_cli_check_detects_a_stale_table(tmp_path):
     r = run('--check'); assert r.returncode == 1 and 'STALE' in r.stdout
     assert run().returncode == 0 and run('--check').returncode == 0
     assert 'distance documents 8 < 64' in idx.read_text()
+
+
+def test_committed_plan_table_is_generated_from_paper_runs():
+    from layerprune.claims import update_block
+    from layerprune.plan import plan_markdown, PLAN_BEGIN
+    assert update_block(REPO/'nbs/index.ipynb', plan_markdown(REPO/'paper_runs.yaml'), check=True), \
+        'stale plan table in nbs/index.ipynb: run `make claims` and commit'
+    assert PLAN_BEGIN in (REPO/'README.md').read_text(), 'README.md lacks the plan table: run `make readme`'

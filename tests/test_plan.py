@@ -102,3 +102,25 @@ def test_run_checks_the_plan_before_any_work(tmp_path):
                 '--runs-dir', tmp_path/'runs', '--out-dir', tmp_path/'figs')
     assert r.returncode == 2 and 'refusing to run' in r.stderr and 'heal_rank' in r.stderr
     assert not (tmp_path/'runs').exists() and not (tmp_path/'figs').exists()
+
+
+def test_paper_profile_heals_with_the_papers_settings():
+    "The paper profile's healing jobs take the papers' text, steps, batch, warm-up, sequence length, LR and rank."
+    import yaml
+    from layerprune.papers import paper_facts, GROMOV_HEALING, LU_HEALING
+    runs = yaml.safe_load((ROOT/'paper_runs.yaml').read_text())['runs']
+    seen = 0
+    for name in ('heal_curves', 'heal_seeds', 'heal_rank'):
+        for p in runs[name]['paper']:
+            f = paper_facts(p['model_name']); seen += 1
+            assert (p['text'], p['steps'], p['batch_size'], p['warmup']) == ('c4', GROMOV_HEALING['steps'], GROMOV_HEALING['global_batch'], GROMOV_HEALING['warmup']), name
+            assert (p['lr'], p['seq_len'], p['method']) == (f['peak_lr'], f['max_seq_len'], 'qlora'), name
+            assert abs(p['steps'] * p['batch_size'] * p['seq_len'] - f['ft_tokens']) / f['ft_tokens'] < 0.01, name   # 16 x 5000 x seq_len
+            assert p['batch_size'] % p['micro_batch'] == 0, name
+            if 'rank' in p: assert p['rank'] == f['lora_rank'], name
+            else: assert f['lora_rank'] in p['ranks'], name
+    for p in runs['lu_finetune']['paper']:
+        seen += 1
+        assert (p['text'], p['batch_size'], p['warmup'], p['rank']) == ('alpaca', LU_HEALING['global_batch'], LU_HEALING['warmup'], LU_HEALING['lora_rank'])
+        assert LU_HEALING['lr'] in p['partial_lrs'] and p['tasks'] == LU_HEALING['eval']['tasks']
+    assert seen == 4
