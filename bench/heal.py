@@ -7,8 +7,9 @@ are interleaved (repeat 1: lora old, lora new, partial old, partial new; repeat 
 hits both versions alike. Versions:
   old  `layerprune/heal/train.py` as of git revision --legacy-rev (written to a temporary module), on 1 thread (what
        the paper notebooks used)
-  new  the current `heal` with `threads='auto'` (measured), fused AdamW and, for partial, the frozen prefix without
-       autograd plus the boundary-state cache (used when blocks repeat: --blocks N < steps x batch means several epochs)
+  new  the current `heal` with `threads='auto'` (measured), fused AdamW, the fused next-token loss (no full-vocabulary
+       copies), LoRA layers as one autograd node each and, for partial, the frozen prefix without autograd plus the
+       boundary-state cache (used when blocks repeat: --blocks N < steps x batch means several epochs)
 Methods: lora (LoRA on the FFN projections, Gromov et al.), partial (lm_head untied + the last k = 3 layers, Lu et al.),
 optionally qlora. Per run: tokens/s = global batch x seq_len / median optimizer-step time (the first step dropped).
 
@@ -120,6 +121,7 @@ def child(args):
         threads=threads, peak_flops=peak, model_flops_per_token=model_flops, executed_flops_per_token=executed,
         mfu=tps * model_flops / peak, executed_fraction=tps * executed / peak, blocks=int(len(pack(texts, tok, cfg.seq_len))),
         boundary_cache=bc, optimizer=log.get('optimizer', 'adamw'), frozen_prefix_layers=log.get('frozen_prefix_layers', 0),
+        fused_loss=log.get('fused_loss', False), lean_lora_layers=log.get('lean_lora_layers', 0),
         peak_mb=(log['peak_memory_bytes'] - base) / 2**20, peak_kind=log['peak_memory_kind'],
         trainable_params=log['trainable_params'], total_params=log['total_params'], loss=log['loss'])))
 

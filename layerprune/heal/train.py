@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05c_heal_train.ipynb #0243742c
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, random, shutil, sys, time
+import contextlib, functools, hashlib, json, math, os, random, shutil, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
@@ -354,6 +354,104 @@ class _Prefix:
         return fresh if miss == idx else torch.stack([new[j] if j in new else self.cache[j] for j in idx])
 
 
+# %% ../../nbs/05c_heal_train.ipynb #3605c9a6
+class _LoraFn(torch.autograd.Function):
+    "A frozen `nn.Linear` plus its LoRA update, `x W^T + b + s * ((x * noise) A^T) B^T`, as one autograd node (peft's operations)."
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, noise, scaling:float):
+        xd = x if noise is None else x * noise
+        t = nn.functional.linear(xd, A)
+        out = nn.functional.linear(x, weight, bias) + nn.functional.linear(t, B) * scaling
+        ctx.save_for_backward(weight, A, B, xd, t, noise); ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, A, B, xd, t, noise = ctx.saved_tensors
+        g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1]); gu = g2 * ctx.scaling
+        gB = (t2.T @ gu).T.contiguous() if ctx.needs_input_grad[4] else None   # (r x n)(n x out): the fast orientation
+        gt = gu @ B
+        gA = gt.T @ xd.reshape(-1, xd.shape[-1]) if ctx.needs_input_grad[3] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gl = (gt @ A).reshape(xd.shape)
+            gx = (g2 @ weight).reshape(xd.shape) + (gl if noise is None else gl * noise)
+        return gx, None, None, gA, gB, None, None
+
+
+# %% ../../nbs/05c_heal_train.ipynb #51456755
+def _lean_able(mod) -> bool:
+    "Whether `mod` is a plain peft LoRA linear layer (one active adapter, no DoRA, not merged) over a frozen `nn.Linear`."
+    try: from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError: return False
+    if type(mod) is not LoraLinear or mod.merged or mod.disable_adapters or getattr(mod, 'fan_in_fan_out', False): return False
+    names = list(mod.active_adapters); base = mod.base_layer
+    if len(names) != 1 or names[0] not in mod.lora_A or names[0] in getattr(mod, 'lora_variant', {}): return False
+    drop = mod.lora_dropout[names[0]]
+    return (type(base) is nn.Linear and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            and type(drop) in (nn.Dropout, nn.Identity) and mod.lora_A[names[0]].bias is None and mod.lora_B[names[0]].bias is None)
+
+def _lean_forward(mod, x, *args, **kw):
+    "peft's LoRA forward of `mod` through `_LoraFn` (peft's own forward where the inputs are not the plain fp32 case)."
+    a = mod.active_adapters[0]; A, B, drop = mod.lora_A[a].weight, mod.lora_B[a].weight, mod.lora_dropout[a]
+    if args or kw or x.dtype != A.dtype or x.dtype != mod.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return type(mod).forward(mod, x, *args, **kw)
+    p = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p) if 0 < p < 1 else None   # as F.dropout: the same random numbers
+    if p >= 1: noise = torch.zeros_like(x)
+    return _LoraFn.apply(x, mod.base_layer.weight, mod.base_layer.bias, A, B, noise, mod.scaling[a])
+
+@contextlib.contextmanager
+def _lean_lora(model):
+    "Context manager: the plain LoRA layers of `model` run `_lean_forward`; yields how many."
+    mods = [m for m in unwrap(model, peft=False).modules() if _lean_able(m)]
+    try:
+        for m in mods: m.forward = functools.partial(_lean_forward, m)
+        yield len(mods)
+    finally:
+        for m in mods: m.__dict__.pop('forward', None)
+
+
+# %% ../../nbs/05c_heal_train.ipynb #b969ec6b
+class _HeadLoss(torch.autograd.Function):
+    "Mean cross-entropy of `targets` [n] given hidden states `h` [n, d] through the output layer `weight` [V, d] (+ `bias`)."
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets):
+        cols = torch.arange(h.shape[0], device=h.device)
+        z = weight @ h.T                                  # [V, n] (faster than h W^T on the CPU); the only [V, n] tensor
+        if bias is not None: z += bias[:, None]
+        picked = z[targets, cols]
+        m = z.amax(0); z.sub_(m).exp_(); s = z.sum(0)
+        loss = (m + s.log() - picked).mean()
+        z.div_(s); z[targets, cols] -= 1                  # now the gradient of the summed loss w.r.t. the logits
+        ctx.save_for_backward(z, h, weight); ctx.bias = bias is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        gz, h, weight = ctx.saved_tensors; sc = go / h.shape[0]
+        gh = (gz.T @ weight) * sc if ctx.needs_input_grad[0] else None
+        gw = (gz @ h) * sc if ctx.needs_input_grad[1] else None
+        gb = gz.sum(1) * sc if ctx.bias and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None
+
+def _fused_loss(model, x:torch.Tensor) -> torch.Tensor:
+    "The mean next-token loss of `model` on the blocks `x` through `_HeadLoss` (no logits for the last position)."
+    d = decoder(unwrap(model)); head = d.lm_head
+    h = d.owner(input_ids=x, use_cache=False).last_hidden_state
+    return _HeadLoss.apply(h[:, :-1].reshape(-1, h.shape[-1]), head.weight, head.bias, x[:, 1:].reshape(-1))
+
+def _fused_ok(model, x:torch.Tensor) -> bool:
+    "Whether `_fused_loss` gives the model's own loss on `x` (checked in eval mode, without gradients): it then may replace it."
+    if '_lp_dtype' in vars(model) or type(decoder(unwrap(model)).lm_head) is not nn.Linear: return False
+    was = model.training; model.eval()
+    try:
+        with torch.no_grad(): ref, got = model(input_ids=x, labels=x, use_cache=False).loss, _fused_loss(model, x)
+    except (AttributeError, TypeError, RuntimeError): return False   # the decoder's forward does not fit (other families)
+    finally: model.train(was)
+    return bool(torch.isfinite(ref)) and abs(float(got) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
+
+
 # %% ../../nbs/05c_heal_train.ipynb #cb441391
 @dataclass
 class _Run:
@@ -361,6 +459,7 @@ class _Run:
     device: torch.device; rank: int = 0; world: int = 1; work: Path|None = None
     teacher: nn.Module|None = None; st_s: dict = field(default_factory=dict); st_t: dict = field(default_factory=dict)
     order: dict = field(default_factory=dict); tokens: int = 0; t0: float = 0.0; prefix: _Prefix|None = None; fsdp: bool = False
+    fast: bool = False; fused_loss: bool = False
 
 def _adamw(params:list, config:HealConfig):
     "AdamW, fused (one kernel over all tensors: ~5x faster steps than the per-tensor loop on CPU) where torch supports it."
@@ -403,10 +502,12 @@ def _setup(model, config:HealConfig, blocks, rank:int, world:int, work, fast:boo
     else: optim = _adamw(params, config) if fast else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: config.lr_at(s) / config.lr)
     prefix = None if fsdp else _frozen_prefix(train_model, config, fast, cache_mb)
+    fused = fast and world == 1 and _fused_ok(train_model, blocks[:1].to(device))   # the loss without full-vocabulary copies
     log = dict(config=asdict(config), **info, world_size=world, loss=[], lm_loss=[], distill_mse=[], lr=[], resumed_from=None,
                frozen_prefix_layers=prefix.first if prefix else 0, optimizer='adamw-fused' if optim.defaults.get('fused') else 'adamw',
-               threads=torch.get_num_threads(), parallel='fsdp' if fsdp else 'ddp' if world > 1 else 'none')
-    return _Run(config, train_model, params, optim, sched, log, blocks, device, rank, world, work, prefix=prefix, fsdp=fsdp), info
+               threads=torch.get_num_threads(), parallel='fsdp' if fsdp else 'ddp' if world > 1 else 'none', fused_loss=fused)
+    return _Run(config, train_model, params, optim, sched, log, blocks, device, rank, world, work, prefix=prefix, fsdp=fsdp,
+                fast=fast, fused_loss=fused), info
 
 def _resume(r:_Run, progress:bool) -> int:
     "Restore the newest checkpoint into `r`; return the step to continue from (0 without one)."
@@ -445,7 +546,7 @@ def _step(r:_Run, step:int) -> torch.Tensor:
                                r.prefix.tuple_out) if r.prefix is not None else contextlib.nullcontext())
         sync = r.world == 1 or r.fsdp or m == n_micro - 1  # FSDP reduces the gradient shards of every micro-batch
         with contextlib.nullcontext() if sync else r.model.no_sync(), skip:
-            lm = loss = r.model(input_ids=x, labels=x, use_cache=False).loss
+            lm = loss = _fused_loss(r.model, x) if r.fused_loss else r.model(input_ids=x, labels=x, use_cache=False).loss
             if cfg.distill > 0:
                 with torch.no_grad(): r.teacher(input_ids=x, use_cache=False, logits_to_keep=1)
                 mse = nn.functional.mse_loss(r.st_s['h'].float(), r.st_t['h'].float())
@@ -488,6 +589,7 @@ def _train(r:_Run, start:int, interface, n_removed:int, progress:bool, callback)
         r.teacher.eval().requires_grad_(False)
         hooks.enter_context(_capture(r.model, interface, r.st_s))
         hooks.enter_context(_capture(r.teacher, interface + n_removed, r.st_t))
+    if r.fast: r.log['lean_lora_layers'] = hooks.enter_context(_lean_lora(r.model))   # one autograd node per LoRA layer
     r.model.train(); r.t0 = time.perf_counter()
     bar = progress_bar(total=r.cfg.steps, desc=f'heal {r.cfg.method}', unit='step') if r.rank == 0 and progress else None
     if bar is not None: bar.update(start)
@@ -524,7 +626,7 @@ def heal(model:nn.Module, # the pruned model (fp32); `lora`/`partial` train it i
          progress:bool=True, # print a line every ~5% of the steps (rank 0)
          callback=None, # called as `callback(step, log)` after each step (after its checkpoint is written)
          threads:int|str|None=None, # CPU threads: a count, 'auto' (measured, `set_threads`) or None (leave torch's setting)
-         fast:bool=True, # fused AdamW and, for `partial`, the frozen prefix without autograd (False: the plain loop)
+         fast:bool=True, # fused AdamW, lean LoRA layers, the fused loss and, for `partial`, the frozen prefix without autograd (False: the plain loop)
          boundary_cache_mb:float=1024, # `partial`: memory for cached boundary states of repeated blocks (0: no cache)
          parallel:str='ddp', # under torchrun/accelerate: 'ddp' (a replica per process) or 'fsdp' (sharded; `partial` only)
         ) -> tuple[nn.Module, dict]:
