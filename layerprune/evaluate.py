@@ -149,7 +149,7 @@ def task_manager(offline:bool, # True: the offline task files (written to a temp
     with tempfile.TemporaryDirectory(prefix='layerprune-tasks-') as d:
         yield TaskManager(include_path=str(write_offline_tasks(d)), include_defaults=False)
 
-# %% ../nbs/04_evaluate.ipynb #6783301e
+# %% ../nbs/04_evaluate.ipynb #4db29905
 def run_task(lm, # an lm-eval `LM` (e.g. `HFLM` wrapping the in-memory model)
              tm, # a `TaskManager` from `task_manager`
              task:str, # one checked task name
@@ -158,15 +158,17 @@ def run_task(lm, # an lm-eval `LM` (e.g. `HFLM` wrapping the in-memory model)
              fewshot_sampler:str|None=None, # None or 'random'
             ) -> dict:
     "Evaluate one task with lm-eval's `simple_evaluate`; return its summary (`acc`, `acc_stderr`, ..., `status`)."
-    import logging, lm_eval
+    import logging, lm_eval, torch.utils.collect_env as ce
     if offline and task in HUB_ONLY_TASKS: return dict(status='unavailable', reason=HUB_ONLY_TASKS[task])
     log = logging.getLogger('lm_eval'); lvl = log.level; log.setLevel(logging.ERROR)  # no per-item truncation notes
+    # lm-eval stores torch's environment report with every result: 11 subprocesses, 3.5 s per call here, never read
+    probe, ce.get_pretty_env_info = ce.get_pretty_env_info, lambda: 'not collected (layerprune.evaluate.run_task)'
     try:
         spec = random_fewshot_tasks(tm, task) if fewshot_sampler == 'random' else [task]
         out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
-    finally: log.setLevel(lvl)
+    finally: log.setLevel(lvl); ce.get_pretty_env_info = probe
     return _summarise(task, out, offline, num_fewshot, limit)
 
 # %% ../nbs/04_evaluate.ipynb #5d14a67a

@@ -73,7 +73,7 @@ def build_standin(model_id:str, # a paper model's hub id
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-# %% ../nbs/06b_smoke.ipynb #9549da36
+# %% ../nbs/06b_smoke.ipynb #d556cd71
 SMOKE_SIZES = dict(samples=4, calib_samples=4, eval_samples=4, train_docs=16, val_docs=4, seq_len=16, calib_seq_len=16,
                    eval_seq_len=16, batch_size=2, micro_batch=1, steps=2, warmup=1, resamples=10, limit=2, mmlu_limit=1,
                    threads=1)   # caps on a job's size parameters (None, i.e. "all", becomes the cap)
@@ -87,6 +87,8 @@ def smoke_params(params:dict, # a paper job's notebook parameters
     if model is not None: p['model_name'] = str(model)
     for k, cap in SMOKE_SIZES.items():
         if k in p and (p[k] is None or isinstance(p[k], int)): p[k] = cap if p[k] is None else min(p[k], cap)
+    if p.get('dtype') in ('bfloat16', 'float16') and not torch.cuda.is_available():
+        p['dtype'] = 'float32'   # a CPU without bf16 units emulates half-precision matmuls, ~10x slower than fp32
     if p.get('text') == 'c4': p['text'] = 'wiki'
     elif p.get('text') == 'alpaca':
         if alpaca is None: raise LayerpruneError("a smoke run of an 'alpaca' job needs a local Alpaca file (alpaca=...)")
