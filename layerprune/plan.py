@@ -321,9 +321,15 @@ def _job_heal_curves(a, p, mode, seen, gpu, b):
     pts = [(n, p['rank'], 0, p['method']) for s in p['strategies'] for n in ns for _ in p['seeds']]
     return _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)
 
-def _job_heal_rank(a, p, mode, seen, gpu, b):
-    n = max(1, round(p['fraction'] * a.L))
-    return _heal_runs(a, p, mode, seen, gpu, b, [(n, r, 0, p['method']) for r in p['ranks']], p['method'], 8)
+def _job_heal_rank(a, p, mode, seen, gpu, b):   # the loss per rank (healed_point), then QA of each rank (healed_eval_point)
+    n = max(1, round(p['fraction'] * a.L)); pts = [(n, r, 0, p['method']) for r in p['ranks']]
+    st = _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)
+    if not p.get('tasks'): return st
+    again = _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)[-len(pts):]   # healed_eval_point heals each rank again:
+    for s in again: s.name += ' (again, for QA)'                                      # no healed weights are stored
+    runs = [(a.L - n, t, p['mmlu_fewshot'] if t == 'mmlu' else 0, p['mmlu_limit'] if t == 'mmlu' else p['limit'])
+            for _ in p['ranks'] for t in p['tasks']]
+    return st + again + [stage_eval(a, 'nf4' if p['method'] == 'qlora' else mode, runs, 8, b)]   # lm-eval batch 8
 
 def _job_lu_finetune(a, p, mode, seen, gpu, b):   # Lu: LoRA/QLoRA on all linears (paged 8-bit AdamW for QLoRA), partial-k
     n = max(1, round(p['fraction'] * a.L)); pts = []

@@ -315,7 +315,8 @@ def test_heal_paper_notebooks_execute_with_papermill(run_paper):
     dist = dict(calib_samples=4, calib_seq_len=32)
     params = {'heal_curves': dict(common, **dist, fractions=[0.34], strategies=['similarity', 'deepest'], seeds=[0], method='lora',
                                   rank=2, lr=1e-3, tag='curves'),
-              'heal_rank': dict(common, **dist, fraction=0.34, strategy='similarity', ranks=[1], method='lora', lr=1e-3),
+              'heal_rank': dict(common, **dist, fraction=0.34, strategy='similarity', ranks=[1, 2], method='lora', lr=1e-3,
+                                tasks=['arc_easy', 'mmlu'], limit=3, mmlu_limit=2, mmlu_fewshot=1),
               'lu_finetune': dict(common, fraction=0.25, strategy='reverse', methods=['qlora', 'partial-1'],
                                   rank=2, lora_lrs=[1e-3], partial_lrs=[1e-3, 1e-2], tasks=['arc_easy'], limit=2, mmlu_limit=1)}
     r, tmp_path = run_paper(params)
@@ -325,6 +326,14 @@ def test_heal_paper_notebooks_execute_with_papermill(run_paper):
     rows = (tmp_path/'figures'/'lu_finetune_tiny_llama.csv').read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith('qlora,')
     assert len(list((tmp_path/'runs'/'cache').glob('healed/*.json'))) >= 5  # one JSON per (pruned, healed) point
+    rank = json.loads((tmp_path/'figures'/'heal_rank_tiny_llama.json').read_text())   # the QA half of Fig. 9, per rank
+    assert [r['rank'] for r in rank['rows']] == [1, 2] and rank['provenance']['items'] == {'arc_easy': [3], 'mmlu': [114]}
+    for r in rank['rows']:
+        assert 0 <= r['acc_arc_easy'] <= 1 and r['acc_arc_easy_stderr'] is not None and r['items_arc_easy'] == 3 and r['items_mmlu'] == 114
+        assert abs(r['avg_acc'] - (r['acc_arc_easy'] + r['acc_mmlu']) / 2) < 1e-12
+        assert abs(r['avg_acc_stderr'] - (r['acc_arc_easy_stderr'] ** 2 + r['acc_mmlu_stderr'] ** 2) ** 0.5 / 2) < 1e-12
+        assert abs(r['loss_healed_qa_run'] - r['loss_healed']) < 1e-4 * r['loss_healed']   # the QA run healed the same model
+    assert len(list((tmp_path/'runs'/'cache').glob('healed_eval/*.json'))) == 2 + 2   # heal_rank's two ranks + lu_finetune's two methods
 
 
 def test_committed_heal_figures_exist():
