@@ -359,7 +359,28 @@ def accuracy_sweep(model_name, # a name or a `ModelRef`
                            ', '.join(f"{r['task']} {r['acc']:.3f}" for r in rows if r['strategy'] == strategy and r['n'] == n and r['acc'] is not None))
     return rows
 
-# %% ../nbs/09_experiments.ipynb #8b484ea7
+# %% ../nbs/09_experiments.ipynb #3da8896b
+def _healed_key(ref, layers, config, train, val, eval_seq_len, eval_batch_size):
+    return point_key(ref, texts={'train': train, 'evaluation': val} if layers else {'evaluation': val}, layers=layers,
+                     config=asdict(config) if layers else None, eval_seq_len=eval_seq_len, eval_batch_size=eval_batch_size)
+
+def _heal_measure(ref, layers, config, train, val, eval_seq_len, eval_batch_size):
+    "`(healed_point's result, the healed model, its tokenizer)`: drop `layers`, measure, heal with `config`, measure."
+    from layerprune.heal import heal
+    model, tok = ref.load(fresh=True)
+    if layers: drop_layers(model, layers)
+    full = lambda m: lm_loss(m, tok, val, eval_seq_len, eval_batch_size, padding_side='right')
+    u = full(model); res = dict(loss_unhealed=u['nats'], loss_unhealed_stderr=u['stderr'], loss_healed=u['nats'],
+                                loss_healed_stderr=u['stderr'])
+    if layers:
+        model, log = heal(model, tok, config, train, progress=False)
+        h = full(model)
+        res.update(loss_healed=h['nats'], loss_healed_stderr=h['stderr'], tokens_trained=log['tokens_this_run'], loss_curve=log['loss'],
+                   trainable_params=log['trainable_params'], total_params=log['total_params'], heal_time_s=log['wall_s'],
+                   tokens_per_s=log['tokens_per_s'], peak_memory_mb=log['peak_memory_mb'], peak_memory_kind=log['peak_memory_kind'],
+                   notes=log['notes'])
+    return res, model, tok
+
 def healed_point(model_name, # a name or a `ModelRef`
                  strategy:str, # see `layerprune.prune.STRATEGIES`
                  n:int, # layers to remove (0: only measure the unpruned model)
@@ -382,21 +403,8 @@ def healed_point(model_name, # a name or a `ModelRef`
                                   cache_dir=cache_dir)
     train = load_texts(text, CALIBRATION_SPLIT, train_docs) if n else []
     val = load_texts(text, EVALUATION_SPLIT, val_docs)
-    def compute():
-        model, tok = ref.load(fresh=True)
-        if layers: drop_layers(model, layers)
-        full = lambda m: lm_loss(m, tok, val, eval_seq_len, eval_batch_size, padding_side='right')
-        u = full(model); res = dict(loss_unhealed=u['nats'], loss_unhealed_stderr=u['stderr'], loss_healed=u['nats'],
-                                    loss_healed_stderr=u['stderr'])
-        if layers:
-            healed, log = heal(model, tok, config, train, progress=False)
-            h = full(healed)
-            res.update(loss_healed=h['nats'], loss_healed_stderr=h['stderr'], tokens_trained=log['tokens_this_run'], loss_curve=log['loss'], trainable_params=log['trainable_params'],
-                       total_params=log['total_params'], heal_time_s=log['wall_s'], tokens_per_s=log['tokens_per_s'],
-                       peak_memory_mb=log['peak_memory_mb'], peak_memory_kind=log['peak_memory_kind'], notes=log['notes'])
-        return res
-    key = point_key(ref, texts={'train': train, 'evaluation': val} if n else {'evaluation': val}, layers=layers,
-                    config=asdict(config) if n else None, eval_seq_len=eval_seq_len, eval_batch_size=eval_batch_size)
+    compute = lambda: _heal_measure(ref, layers, config, train, val, eval_seq_len, eval_batch_size)[0]
+    key = _healed_key(ref, layers, config, train, val, eval_seq_len, eval_batch_size)
     return dict(cached('healed', key, compute, cache_dir), model=ref.model_name, num_layers=L, strategy=strategy, n=n,
                 fraction=n / L, layers=layers, layers_str=fmt_layers(layers), config=asdict(config) if n else None)
 
@@ -497,7 +505,7 @@ def lstar_bootstrap_point(model_name, # a name or a `ModelRef`
         return bootstrap_best_start(distance_samples(model, tok, texts, seq_len, batch_size), resamples, level)
     return cached('lstar_bootstrap', key, compute, cache_dir)
 
-# %% ../nbs/09_experiments.ipynb #42904004
+# %% ../nbs/09_experiments.ipynb #0341d2bc
 def healed_eval_point(model_name, # a name or a `ModelRef`
                       strategy:str, # see `layerprune.prune.STRATEGIES`
                       n:int, # layers to remove (> 0)
@@ -517,15 +525,13 @@ def healed_eval_point(model_name, # a name or a `ModelRef`
     train, val = load_texts(text, CALIBRATION_SPLIT, train_docs), load_texts(text, EVALUATION_SPLIT, val_docs)
     offline = not hub_available()
     def compute():
-        model, tok = ref.load(fresh=True); drop_layers(model, layers)
-        loss = lambda m: lm_loss(m, tok, val, eval_seq_len, 8, padding_side='right')
-        before = loss(model); healed, log = heal(model, tok, config, train, progress=False)
-        after, acc = loss(healed), {}
+        res, healed, tok = _heal_measure(ref, layers, config, train, val, eval_seq_len, 8)
+        cached('healed', _healed_key(ref, layers, config, train, val, eval_seq_len, 8), lambda: res, cache_dir)   # healed_point's too
+        acc = {}
         for e in evals:
             acc.update(evaluate_tasks(healed, tok, e['tasks'], e.get('limit'), e.get('num_fewshot'), 0, 8, offline))
-        return dict(loss_unhealed=before['nats'], loss_unhealed_stderr=before['stderr'], loss_healed=after['nats'],
-                    loss_healed_stderr=after['stderr'], tokens_trained=log['tokens_this_run'], heal_time_s=log['wall_s'],
-                    trainable_params=log['trainable_params'], accuracy=acc)
+        return dict(**{k: res[k] for k in ('loss_unhealed', 'loss_unhealed_stderr', 'loss_healed', 'loss_healed_stderr',
+                                           'tokens_trained', 'heal_time_s', 'trainable_params')}, accuracy=acc)
     key = point_key(ref, texts={'train': train, 'evaluation': val}, layers=layers, config=asdict(config), evals=evals,
                     eval_seq_len=eval_seq_len, offline=offline, lm_eval=_version('lm_eval'))
     return dict(cached('healed_eval', key, compute, cache_dir), strategy=strategy, n=n, layers=layers, num_layers=L,

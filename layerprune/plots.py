@@ -11,7 +11,7 @@ from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 # %% auto #0
 __all__ = ['write_csv', 'run_record', 'save_figure']
 
-# %% ../nbs/07_plots.ipynb #eff1d636
+# %% ../nbs/07_plots.ipynb #149cc05a
 def write_csv(path, # CSV file to write
               rows:list[dict], # one dict per row (keys of the first row are the columns)
              ) -> Path:
@@ -39,7 +39,7 @@ def run_record(wall_s:float|None=None, # seconds the figure took to compute (Non
 
 def save_figure(fig, # a matplotlib Figure
                 stem, # output path without suffix, e.g. 'figures/fig1c_smollm2-135m'
-                rows:list[dict]|None=None, # plotted data, written to `<stem>.csv`
+                rows:list[dict]|None=None, # plotted data, written to `<stem>.csv` (and to the JSON's `rows` when there is a JSON)
                 data=None, # extra data/metadata, written to `<stem>.json`
                 provenance:dict|None=None, # what the numbers depend on (model fingerprint, text digests, sizes, seeds...): `data['provenance']`
                 wall_s:float|None=None, # compute time, for the run record
@@ -55,6 +55,7 @@ def save_figure(fig, # a matplotlib Figure
         fig.savefig(buf, format=ext, dpi=dpi, bbox_inches='tight', metadata=meta)
         out.append(atomic_write_bytes(stem.with_name(f'{stem.name}.{ext}'), buf.getvalue()))
     if rows is not None: out.append(write_csv(stem.with_name(stem.name + '.csv'), rows))
+    if rows is not None and data is not None and 'rows' not in data: data = {**data, 'rows': rows}   # the JSON is complete
     if provenance is not None: data = {**(data or {}), 'provenance': dict(package_version=_version(), **provenance)}
     if data is not None: out.append(atomic_write_json(stem.with_name(stem.name + '.json'), data))
     out.append(atomic_write_json(stem.with_name(stem.name + '.run.json'), run_record(wall_s)))

@@ -332,7 +332,7 @@ def test_heal_paper_notebooks_execute_with_papermill(run_paper):
         assert 0 <= r['acc_arc_easy'] <= 1 and r['acc_arc_easy_stderr'] is not None and r['items_arc_easy'] == 3 and r['items_mmlu'] == 114
         assert abs(r['avg_acc'] - (r['acc_arc_easy'] + r['acc_mmlu']) / 2) < 1e-12
         assert abs(r['avg_acc_stderr'] - (r['acc_arc_easy_stderr'] ** 2 + r['acc_mmlu_stderr'] ** 2) ** 0.5 / 2) < 1e-12
-        assert abs(r['loss_healed_qa_run'] - r['loss_healed']) < 1e-4 * r['loss_healed']   # the QA run healed the same model
+        assert r['loss_healed_qa_run'] == r['loss_healed']   # healed once: heal_sweep read back the point healed_eval_point stored
     assert len(list((tmp_path/'runs'/'cache').glob('healed_eval/*.json'))) == 2 + 2   # heal_rank's two ranks + lu_finetune's two methods
 
 
