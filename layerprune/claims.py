@@ -75,7 +75,7 @@ def claim_a(fig_dir, model:str) -> tuple[str, str]:
             f'of {p["documents"]} documents); l*(n) unchanged in {stay:.0%} of resamples on average')
     return ours, HOLDS if deep > len(boot) / 2 else FAILS if shallow > len(boot) / 2 else INCONCLUSIVE
 
-# %% ../nbs/11_claims.ipynb #5267bf0c
+# %% ../nbs/11_claims.ipynb #733bec38
 def _heal_rows(fig_dir, stem, tokens):
     d = figure(fig_dir, stem); p = d['provenance']
     need(stem, 'tokens_trained per point', [t['tokens_trained'] for t in p.get('tokens_trained', [])], tokens)
@@ -84,9 +84,34 @@ def _heal_rows(fig_dir, stem, tokens):
 
 def _se(*ses): return None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses))
 
+def _unhealed(fig_dir, model, half) -> str:
+    "'; before healing: ...' from the unhealed_loss figure (`half` turns its rows into text), or '' where it is not usable."
+    stem = f'unhealed_loss_{model}'
+    try:
+        d = figure(fig_dir, stem)
+        need(stem, 'validation documents', [d['provenance'].get('texts', {}).get('evaluation', {}).get('documents')], REQUIRED['val_docs'])
+        return '; before healing (unhealed_loss, healed half pending): ' + half(d['rows'])
+    except (Missing, KeyError, IndexError, TypeError, ValueError): return ''
+
+def _before_b(rows) -> str:
+    rs = sorted((r for r in rows if r['strategy'] == 'similarity'), key=lambda r: r['n'])
+    jump, a, b = max(((y['normalised_loss'] - x['normalised_loss'], x, y) for x, y in zip(rs, rs[1:])), key=lambda t: t[0])
+    return (f"loss / ln V {rs[0]['normalised_loss']:.2f} intact -> {rs[-1]['normalised_loss']:.2f} at {rs[-1]['fraction']:.0%} dropped "
+            f"(1 = a uniform guess), largest step +{jump:.2f} between {a['fraction']:.0%} and {b['fraction']:.0%} (similarity)")
+
+def _before_c(rows) -> str:
+    by = {(r['strategy'], r['n']): r for r in rows}
+    ns = sorted(n for s, n in by if s == 'similarity' and n and ('deepest', n) in by)
+    vs = [compare(by['deepest', n]['normalised_loss'] - by['similarity', n]['normalised_loss'],
+                  _se(by['deepest', n]['normalised_stderr'], by['similarity', n]['normalised_stderr'])) for n in ns]
+    return (f"similarity's loss below deepest's by more than 2 standard errors at {vs.count(HOLDS)} of {len(ns)} fractions, "
+            f"above at {vs.count(FAILS)}")
+
 def claim_b(fig_dir, model:str) -> tuple[str, str]:
     "(b) unhealed loss jumps towards the uniform level; healed loss stays well below it and rises with the fraction (heal_curves)."
-    stem = f'heal_curves_{model}'; d, rows = _heal_rows(fig_dir, stem, REQUIRED['heal_tokens'])
+    stem = f'heal_curves_{model}'
+    try: d, rows = _heal_rows(fig_dir, stem, REQUIRED['heal_tokens'])
+    except Missing as e: raise Missing(str(e) + _unhealed(fig_dir, model, _before_b)) from None
     rs = sorted((r for r in rows if r['strategy'] == 'similarity'), key=lambda r: r['n'])
     if len(rs) < 3: raise Missing(f'{stem}: fewer than 3 fractions for similarity')
     top = rs[-1]; gap = top['loss_unhealed'] - top['loss_healed']
@@ -98,10 +123,12 @@ def claim_b(fig_dir, model:str) -> tuple[str, str]:
             f"{'rises monotonically' if rising else 'is not monotone'} over {fr}")
     return ours, (v if v != HOLDS else HOLDS if rising else INCONCLUSIVE)
 
-# %% ../nbs/11_claims.ipynb #4f8ac561
+# %% ../nbs/11_claims.ipynb #02154d19
 def claim_c(fig_dir, model:str) -> tuple[str, str]:
     "(c) before healing similarity beats deepest; after healing the two are close (heal_curves, per fraction)."
-    stem = f'heal_curves_{model}'; d, rows = _heal_rows(fig_dir, stem, REQUIRED['heal_tokens'])
+    stem = f'heal_curves_{model}'
+    try: d, rows = _heal_rows(fig_dir, stem, REQUIRED['heal_tokens'])
+    except Missing as e: raise Missing(str(e) + _unhealed(fig_dir, model, _before_c)) from None
     by = {(r['strategy'], r['n']): r for r in rows}
     ns = sorted(n for s, n in by if s == 'similarity' and ('deepest', n) in by)
     if not ns: raise Missing(f'{stem}: no fraction with both similarity and deepest')
@@ -149,7 +176,6 @@ def claim_d(fig_dir, model:str) -> tuple[str, str]:
     v = HOLDS if all(x == HOLDS for x in parts) else FAILS if FAILS in parts else INCONCLUSIVE
     halves = f"seed: {parts[0]}; lower loss with rank: {rank_v}; no better QA with rank: {qa_v or 'not measured'}"
     return '; '.join(txt) + f' ({halves})', v
-
 
 # %% ../nbs/11_claims.ipynb #3e533338
 OTHER_METRICS = ('random', 'magnitude-l1', 'magnitude-l2', 'taylor', 'ppl', 'bi')   # Lu Table 1's rivals of reverse-order
