@@ -10,8 +10,8 @@ import torch
 from .utils import LayerpruneError, atomic_write_text, digest, slug
 
 # %% auto #0
-__all__ = ['STANDIN_TYPES', 'STANDIN_WIDTH', 'SMOKE_SIZES', 'standin_config', 'build_standin', 'smoke_params', 'local_alpaca',
-           'smoke_jobs']
+__all__ = ['STANDIN_TYPES', 'STANDIN_WIDTH', 'SMOKE_SIZES', 'SMOKE_REPEATS', 'standin_config', 'build_standin', 'smoke_params',
+           'local_alpaca', 'smoke_jobs']
 
 # %% ../nbs/06b_smoke.ipynb #f003895f
 STANDIN_TYPES = {'llama': 'llama', 'mistral': 'mistral', 'phi': 'phi', 'qwen2': 'qwen2',
@@ -73,10 +73,11 @@ def build_standin(model_id:str, # a paper model's hub id
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-# %% ../nbs/06b_smoke.ipynb #d556cd71
+# %% ../nbs/06b_smoke.ipynb #1043b326
 SMOKE_SIZES = dict(samples=4, calib_samples=4, eval_samples=4, train_docs=16, val_docs=4, seq_len=16, calib_seq_len=16,
                    eval_seq_len=16, batch_size=2, micro_batch=1, steps=2, warmup=1, resamples=10, limit=2, mmlu_limit=1,
                    threads=1)   # caps on a job's size parameters (None, i.e. "all", becomes the cap)
+SMOKE_REPEATS = ('seeds', 'shots')   # repeated settings (one code path each): the first and the last value are kept
 
 def smoke_params(params:dict, # a paper job's notebook parameters
                  model:str|None=None, # the stand-in folder for `params['model_name']` (None: keep the model)
@@ -87,6 +88,8 @@ def smoke_params(params:dict, # a paper job's notebook parameters
     if model is not None: p['model_name'] = str(model)
     for k, cap in SMOKE_SIZES.items():
         if k in p and (p[k] is None or isinstance(p[k], int)): p[k] = cap if p[k] is None else min(p[k], cap)
+    for k in SMOKE_REPEATS:
+        if isinstance(p.get(k), list) and len(p[k]) > 2: p[k] = [p[k][0], p[k][-1]]
     if p.get('dtype') in ('bfloat16', 'float16') and not torch.cuda.is_available():
         p['dtype'] = 'float32'   # a CPU without bf16 units emulates half-precision matmuls, ~10x slower than fp32
     if p.get('text') == 'c4': p['text'] = 'wiki'
