@@ -300,7 +300,7 @@ def _job_lu_table(a, p, mode, seen, gpu, b):   # every strategy at one fraction,
     runs = [(a.L - (0 if s == 'none' else n), t, 0, p['limit']) for s in ['none'] + p['strategies'] for t in p['tasks']]
     return st + [stage_eval(a, mode, runs, B, b)]
 
-# %% ../nbs/06a_plan.ipynb #c5ce1c2c
+# %% ../nbs/06a_plan.ipynb #61544eb5
 def _heal_runs(a, p, mode, seen, gpu, b, points, method, opt_bytes, target='ffn'):
     "Distances (if similarity), the unpruned loss, then `points` = [(n, rank, last_k, method), ...] healed."
     st = []
@@ -321,24 +321,25 @@ def _job_heal_curves(a, p, mode, seen, gpu, b):
     pts = [(n, p['rank'], 0, p['method']) for s in p['strategies'] for n in ns for _ in p['seeds']]
     return _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)
 
-def _job_heal_rank(a, p, mode, seen, gpu, b):   # the loss per rank (healed_point), then QA of each rank (healed_eval_point)
+def _job_heal_rank(a, p, mode, seen, gpu, b):   # each rank healed once (healed_eval_point), its loss and its QA
     n = max(1, round(p['fraction'] * a.L)); pts = [(n, r, 0, p['method']) for r in p['ranks']]
     st = _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)
     if not p.get('tasks'): return st
-    again = _heal_runs(a, p, mode, seen, gpu, b, pts, p['method'], 8)[-len(pts):]   # healed_eval_point heals each rank again:
-    for s in again: s.name += ' (again, for QA)'                                      # no healed weights are stored
     runs = [(a.L - n, t, p['mmlu_fewshot'] if t == 'mmlu' else 0, p['mmlu_limit'] if t == 'mmlu' else p['limit'])
             for _ in p['ranks'] for t in p['tasks']]
-    return st + again + [stage_eval(a, 'nf4' if p['method'] == 'qlora' else mode, runs, 8, b)]   # lm-eval batch 8
+    return st + [stage_eval(a, 'nf4' if p['method'] == 'qlora' else mode, runs, 8, b)]   # lm-eval batch 8
 
 def _job_lu_finetune(a, p, mode, seen, gpu, b):   # Lu: LoRA/QLoRA on all linears (paged 8-bit AdamW for QLoRA), partial-k
-    n = max(1, round(p['fraction'] * a.L)); pts = []
-    for m in p['methods']:
-        name, _, k = m.partition('-')
-        pts.append((n, p['rank'], int(k or 0), name))
-    st = _heal_runs(a, dict(p, strategy='reverse'), mode, seen, gpu, b, [x for x in pts if x[3] != 'qlora'], 'lora', 8, 'all-linear')
-    q = [x for x in pts if x[3] == 'qlora']
-    return st + (_heal_runs(a, dict(p, strategy='reverse'), mode, seen, gpu, b, q, 'qlora', 2, 'all-linear')[1:] if q else [])
+    "The rate sweep (lora and partial-3 at each of their rates), every method healed again at its rate, then its lm-eval."
+    n = max(1, round(p['fraction'] * a.L)); rd = dict(p, strategy='reverse')
+    pt = lambda m: (n, p['rank'], int(m.partition('-')[2] or 0), m.partition('-')[0])
+    final = [pt(m) for m in p['methods']]
+    runs = [pt('lora')] * len(p['lora_lrs']) + [pt('partial-3')] * len(p['partial_lrs']) + [x for x in final if x[3] != 'qlora']
+    st = _heal_runs(a, rd, mode, seen, gpu, b, runs, 'lora', 8, 'all-linear')
+    q = [x for x in final if x[3] == 'qlora']
+    if q: st += _heal_runs(a, rd, mode, seen, gpu, b, q, 'qlora', 2, 'all-linear')[1:]
+    evals = [(a.L - n, t, 0, p['mmlu_limit'] if t == 'mmlu' else p['limit']) for _ in p['methods'] for t in p['tasks']]
+    return st + [stage_eval(a, mode, evals, 8, b)]
 
 JOB_PLANNERS = {  # notebook stem -> (planner, loading modes to try in order)
     'fig1c_distances': (_job_distances, ('bf16', 'streamed', 'nf4')), 'fig4_heatmap': (_job_distances, ('bf16', 'streamed', 'nf4')),
