@@ -537,7 +537,7 @@ def healed_eval_point(model_name, # a name or a `ModelRef`
     return dict(cached('healed_eval', key, compute, cache_dir), strategy=strategy, n=n, layers=layers, num_layers=L,
                 config=asdict(config))
 
-# %% ../nbs/09_experiments.ipynb #e82b9da7
+# %% ../nbs/09_experiments.ipynb #4de5f84e
 def finetune_comparison(model_name, # a name or a `ModelRef`
                         strategy:str, fraction:float, # the pruning the methods heal
                         methods:list[str], # `heal_config` methods, e.g. ['lora', 'qlora', 'partial-3']
@@ -562,9 +562,9 @@ def finetune_comparison(model_name, # a name or a `ModelRef`
         r = healed_eval_point(model_name, strategy, n, heal_config(m, **{**config, 'lr': best[kind(m)]}), evals, text, train_docs,
                               val_docs, eval_seq_len, dtype=dtype, cache_dir=cache_dir)
         ok = [a for a in r['accuracy'].values() if a.get('status') == 'ok' and a.get('acc') is not None]
-        se = [a.get('acc_stderr') or 0 for a in ok]
+        se = [a.get('acc_stderr') for a in ok]   # None where lm-eval has none (e.g. MMLU with one item per subject)
         rows.append(dict(method=m, lr=best[kind(m)], avg_acc=sum(a['acc'] for a in ok) / len(ok) if ok else None,
-            avg_acc_stderr=sum(x * x for x in se) ** 0.5 / len(se) if se else None, **{k: r[k] for k in (
+            avg_acc_stderr=sum(x * x for x in se) ** 0.5 / len(se) if se and None not in se else None, **{k: r[k] for k in (
             'loss_unhealed', 'loss_healed', 'loss_healed_stderr', 'tokens_trained', 'heal_time_s', 'trainable_params')},
             accuracy=r['accuracy'], layers=fmt_layers(r['layers'])))
     return dict(sweep=swept['rows'], unpruned_loss=swept['unpruned_loss'], num_layers=swept['num_layers'], n=n, best_lr=best, rows=rows)
