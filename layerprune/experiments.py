@@ -359,7 +359,7 @@ def accuracy_sweep(model_name, # a name or a `ModelRef`
                            ', '.join(f"{r['task']} {r['acc']:.3f}" for r in rows if r['strategy'] == strategy and r['n'] == n and r['acc'] is not None))
     return rows
 
-# %% ../nbs/09_experiments.ipynb #3da8896b
+# %% ../nbs/09_experiments.ipynb #fc92f785
 def _healed_key(ref, layers, config, train, val, eval_seq_len, eval_batch_size):
     return point_key(ref, texts={'train': train, 'evaluation': val} if layers else {'evaluation': val}, layers=layers,
                      config=asdict(config) if layers else None, eval_seq_len=eval_seq_len, eval_batch_size=eval_batch_size)
@@ -396,7 +396,7 @@ def healed_point(model_name, # a name or a `ModelRef`
                  cache_dir=DEFAULT_CACHE, # cache folder (None: no cache)
                 ) -> dict:
     "Validation loss of the model with `n` layers removed by `strategy`, before and after healing with `config`."
-    from layerprune.heal import HealConfig, heal
+    from layerprune.heal import HealConfig
     if n and not isinstance(config, HealConfig): raise LayerpruneError('healing needs a HealConfig (config=...)')
     ref = model_ref(model_name, dtype); L = model_info(ref, cache_dir=cache_dir)['num_layers']
     layers = select_layers_cached(ref, strategy, n, text, calib_samples, calib_seq_len, seed=config.seed if n else 0,
@@ -505,7 +505,7 @@ def lstar_bootstrap_point(model_name, # a name or a `ModelRef`
         return bootstrap_best_start(distance_samples(model, tok, texts, seq_len, batch_size), resamples, level)
     return cached('lstar_bootstrap', key, compute, cache_dir)
 
-# %% ../nbs/09_experiments.ipynb #0341d2bc
+# %% ../nbs/09_experiments.ipynb #2f4a3bd6
 def healed_eval_point(model_name, # a name or a `ModelRef`
                       strategy:str, # see `layerprune.prune.STRATEGIES`
                       n:int, # layers to remove (> 0)
@@ -517,7 +517,7 @@ def healed_eval_point(model_name, # a name or a `ModelRef`
                       cache_dir=DEFAULT_CACHE, # cache folder (None: no cache)
                      ) -> dict:
     "`healed_point`'s loss (with stderr) plus lm-eval accuracy per task of the healed model, cached as one point."
-    from layerprune.heal import HealConfig, heal
+    from layerprune.heal import HealConfig
     from layerprune.evaluate import evaluate_tasks, hub_available
     if not isinstance(config, HealConfig) or n < 1: raise LayerpruneError('healed_eval_point needs n >= 1 and a HealConfig')
     ref = model_ref(model_name, dtype); L = model_info(ref, cache_dir=cache_dir)['num_layers']; _check_n(n, L)
