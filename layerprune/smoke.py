@@ -114,7 +114,7 @@ def local_alpaca(path:str|Path, # JSONL file to write (kept if it exists)
     atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
     return path
 
-# %% ../nbs/06b_smoke.ipynb #52e4c39b
+# %% ../nbs/06b_smoke.ipynb #81a9fbc1
 def smoke_jobs(jobs:list, # `layerprune.runner.Job`s of a profile (usually 'paper')
                root:str|Path='runs/smoke', # stand-ins, the local Alpaca file and the executed notebooks go here
                log=print, # where to report each stand-in
@@ -128,9 +128,8 @@ def smoke_jobs(jobs:list, # `layerprune.runner.Job`s of a profile (usually 'pape
     for j in jobs:
         m = j.params.get('model_name')
         if m and canonical_id(m) is not None and m not in standins:
-            standins[m] = build_standin(m, root/'models')
-            log(f'stand-in for {m}: {standins[m]} ({json.loads((standins[m]/"standin.json").read_text())["architecture"]}, '
-                f'{json.loads((standins[m]/"standin.json").read_text())["layers"]} layers, random weights)')
+            standins[m] = build_standin(m, root/'models'); card = json.loads((standins[m]/'standin.json').read_text())
+            log(f"stand-in for {m}: {standins[m]} ({card['architecture']}, {card['layers']} layers, random weights)")
         rel = lambda f: f if f is None or base is None else Path(os.path.relpath(Path(f).resolve(), Path(base).resolve()))
         out.append(replace(j, params=smoke_params(j.params, rel(standins.get(m)), rel(alpaca)),
                            output=root/'notebooks'/Path(j.output).name))
