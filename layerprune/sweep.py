@@ -226,10 +226,9 @@ def sweep_loglikelihoods(model, # a causal LM; left unchanged
 def sweep_lm_class():
     "The lm-eval model class `SweepLM` (registered as 'layerprune_sweep'); built on first use, since importing lm-eval is slow."
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.api.registry import register_model
+    from lm_eval.api.registry import model_registry
     from layerprune.prune import skip_layers
 
-    @register_model('layerprune_sweep')
     class SweepLM(HFLM):
         "An in-memory HF model answering lm-eval requests for a list of variants at once; `variant` selects whose answers are returned."
         def __init__(self, pretrained, variants, **kw):
@@ -250,6 +249,8 @@ def sweep_lm_class():
             return [self.answers[k][self.variant] for k in keys]
         def generate_until(self, requests, disable_tqdm=False):  # no prefix sharing for generation: run the pruned model
             with skip_layers(self.model, self.variant): return super().generate_until(requests, disable_tqdm)
+    # One name per process: another copy of this class (a notebook's, a reloaded module's) may hold it already.
+    if 'layerprune_sweep' not in model_registry: model_registry.register('layerprune_sweep')(SweepLM)
     return SweepLM
 
 # %% ../nbs/03b_sweep.ipynb #c903a9a5

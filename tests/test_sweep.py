@@ -130,3 +130,15 @@ def test_lm_eval_equals_per_variant():
     assert S.sweep_lm_class() is S.sweep_lm_class()
     from lm_eval.api.registry import get_model
     assert get_model('layerprune_sweep') is S.sweep_lm_class()
+
+
+def test_sweep_lm_class_built_twice_in_one_process():
+    "A second copy of SweepLM (another notebook run by the same nbdev_test worker, a reloaded module) must not fail on lm-eval's registry."
+    from lm_eval.api.registry import get_model
+    first = S.sweep_lm_class()
+    again = S.sweep_lm_class.__wrapped__()   # the uncached builder: a new class, as a notebook kernel defining it again makes
+    assert again is not first and again.__name__ == 'SweepLM'
+    assert get_model('layerprune_sweep') is first   # the name keeps the first registration
+    m, tok = tiny_model('llama'), tiny_tokenizer()
+    lm = again(pretrained=m, tokenizer=tok, variants=[[], [2]], batch_size=2)
+    lm.select([2]); assert lm.variant == (2,)
