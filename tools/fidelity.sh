@@ -4,6 +4,7 @@
 #
 #   setsid nohup tools/fidelity.sh > /dev/null 2>&1 &     # start in the background; progress: runs/fidelity.log
 #   tools/fidelity.sh fig1c,heal_curves                   # only these runs
+#   FIDELITY_LOG=runs/fidelity_b.log tools/fidelity.sh lu_table,fig2   # a second runner on other jobs (2 cores)
 #
 # Every completed point lands in results/cache (tracked in git: JSON keyed on content), so an interrupted run loses at
 # most the point in progress: run the script again and it continues where it stopped (finished points are read back,
@@ -15,7 +16,7 @@ PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 JOBS=${1:-fig1c,unhealed_loss,heal_curves,lu_finetune,heal_seeds,heal_rank,fig2,lu_table,fig7,fig4}
 MODELS=${MODELS:-smollm2-135m gemma3-270m}
-LOG=runs/fidelity.log
+LOG=${FIDELITY_LOG:-runs/fidelity.log}
 mkdir -p runs results/cache
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $*" >> "$LOG"; }
 log "start pid $$ jobs=$JOBS models=$MODELS (cache: results/cache)"
