@@ -10,9 +10,9 @@ from .utils import LayerpruneError, atomic_write_text, digest
 from .papers import LU_FINETUNE_TABLE, LU_CLAIMS
 
 # %% auto #0
-__all__ = ['MODELS', 'REQUIRED', 'HOLDS', 'FAILS', 'INCONCLUSIVE', 'MISSING', 'BEGIN', 'END', 'OTHER_METRICS', 'CLAIMS',
-           'Missing', 'figure', 'need', 'compare', 'pm', 'claim_a', 'claim_b', 'claim_c', 'claim_d', 'claim_e',
-           'claim_f', 'claim_rows', 'claims_markdown', 'update_block', 'update_index', 'main']
+__all__ = ['MODELS', 'REQUIRED', 'HOLDS', 'FAILS', 'INCONCLUSIVE', 'MISSING', 'BEGIN', 'END', 'OTHER_METRICS', 'TIME_MARGIN',
+           'CLAIMS', 'Missing', 'figure', 'need', 'compare', 'pm', 'claim_a', 'claim_b', 'claim_c', 'claim_d',
+           'claim_e', 'claim_f', 'claim_rows', 'claims_markdown', 'update_block', 'update_index', 'main']
 
 # %% ../nbs/11_claims.ipynb #6ed91db3
 MODELS = ('smollm2-135m', 'gemma3-270m')   # the embedded models the claims are tested on
@@ -198,21 +198,31 @@ def claim_e(fig_dir, model:str) -> tuple[str, str]:
             f"{pm(100 * diff, 100 * se, 1)} points"), compare(diff, se)
 
 # %% ../nbs/11_claims.ipynb #07e6aba0
+TIME_MARGIN = 0.1   # heal times are single wall-clock measurements: "faster" needs a gap of more than 10% either way
+
+def _edge(d, m) -> str:
+    "A note when method `m`'s chosen rate lies at the edge of its swept grid (its optimum may lie outside it)."
+    grid, best = sorted(d.get('rates', {}).get(m, [])), d.get('best_lr', {}).get(m)
+    if len(grid) < 2 or best not in (grid[0], grid[-1]): return ''
+    return f" ({m}'s rate is the {'top' if best == grid[-1] else 'bottom'} of its grid {', '.join(f'{x:g}' for x in grid)})"
+
 def claim_f(fig_dir, model:str) -> tuple[str, str]:
     "(f) partial-3 beats LoRA and QLoRA in average accuracy at equal data, each at its best learning rate, and trains faster (lu_finetune)."
     stem = f'lu_finetune_{model}'; d = _acc_figure(fig_dir, stem)
     need(stem, 'tokens_trained per point', [t['tokens_trained'] for t in d['provenance'].get('tokens_trained', [])], REQUIRED['heal_tokens'])
     by = {r['method']: r for r in d['rows']}
     if not {'partial-3', 'lora'} <= set(by): raise Missing(f'{stem}: needs partial-3 and lora rows')
-    p, vs, txt = by['partial-3'], [], []
+    p, acc, fast, txt = by['partial-3'], [], [], []
     for m in ('lora', 'qlora'):
         if m not in by: continue
         o = by[m]; diff, se = p['avg_acc'] - o['avg_acc'], _se(p['avg_acc_stderr'], o['avg_acc_stderr'])
-        vs.append(compare(diff, se))
+        acc.append(compare(diff, se)); ratio = p['heal_time_s'] / o['heal_time_s']
+        fast.append(HOLDS if ratio < 1 - TIME_MARGIN else FAILS if ratio > 1 + TIME_MARGIN else INCONCLUSIVE)
         txt.append(f"partial-3 (lr {p['lr']:g}) {pm(p['avg_acc'], p['avg_acc_stderr'])} vs {m} (lr {o['lr']:g}) "
                    f"{pm(o['avg_acc'], o['avg_acc_stderr'])}; heal time {p['heal_time_s']:.0f} s vs {o['heal_time_s']:.0f} s")
-    v = HOLDS if all(x == HOLDS for x in vs) else FAILS if FAILS in vs else INCONCLUSIVE
-    return '; '.join(txt), v
+    both = lambda vs: HOLDS if all(x == HOLDS for x in vs) else FAILS if FAILS in vs else INCONCLUSIVE
+    a, t = both(acc), both(fast)
+    return '; '.join(txt) + _edge(d, 'partial-3') + _edge(d, 'lora') + f' (accuracy: {a}; faster: {t})', both([a, t])
 
 # %% ../nbs/11_claims.ipynb #d6e3754c
 CLAIMS = [  # (letter, claim, the paper's number, function)
