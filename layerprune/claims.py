@@ -11,8 +11,8 @@ from .papers import LU_FINETUNE_TABLE, LU_CLAIMS
 
 # %% auto #0
 __all__ = ['MODELS', 'REQUIRED', 'HOLDS', 'FAILS', 'INCONCLUSIVE', 'MISSING', 'BEGIN', 'END', 'OTHER_METRICS', 'TIME_MARGIN',
-           'CLAIMS', 'Missing', 'figure', 'need', 'compare', 'pm', 'claim_a', 'claim_b', 'claim_c', 'claim_d',
-           'claim_e', 'claim_f', 'claim_rows', 'claims_markdown', 'update_block', 'update_index', 'main']
+           'CLAIMS', 'Missing', 'figure', 'need', 'compare', 'combine', 'pm', 'claim_a', 'claim_b', 'claim_c',
+           'claim_d', 'claim_e', 'claim_f', 'claim_rows', 'claims_markdown', 'update_block', 'update_index', 'main']
 
 # %% ../nbs/11_claims.ipynb #6ed91db3
 MODELS = ('smollm2-135m', 'gemma3-270m')   # the embedded models the claims are tested on
@@ -55,6 +55,10 @@ def compare(diff:float, # measured difference, positive = in the claimed directi
     "HOLDS if diff > 2 se, FAILS if diff < -2 se, else INCONCLUSIVE."
     if se is None or not math.isfinite(se): return INCONCLUSIVE
     return HOLDS if diff > 2 * se else FAILS if diff < -2 * se else INCONCLUSIVE
+
+def combine(verdicts:list) -> str:
+    "One verdict from several parts: HOLDS if every part holds, FAILS if any fails, else INCONCLUSIVE."
+    return HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else INCONCLUSIVE
 
 def pm(x:float, se:float|None, digits:int=3) -> str:
     "'x ± se'."
@@ -176,7 +180,7 @@ def claim_d(fig_dir, model:str) -> tuple[str, str]:
                f"{pm(hi['loss_healed'], hi['loss_healed_stderr'])}")
     qa_txt, qa_v = _rank_qa(stem, d, lo, hi); txt.append(qa_txt)
     parts = [seeds_ok and HOLDS or FAILS, rank_v] + ([qa_v] if qa_v else [])
-    v = HOLDS if all(x == HOLDS for x in parts) else FAILS if FAILS in parts else INCONCLUSIVE
+    v = combine(parts)
     halves = f"seed: {parts[0]}; lower loss with rank: {rank_v}; no better QA with rank: {qa_v or 'not measured'}"
     return '; '.join(txt) + f' ({halves})', v
 
@@ -220,9 +224,8 @@ def claim_f(fig_dir, model:str) -> tuple[str, str]:
         fast.append(HOLDS if ratio < 1 - TIME_MARGIN else FAILS if ratio > 1 + TIME_MARGIN else INCONCLUSIVE)
         txt.append(f"partial-3 (lr {p['lr']:g}) {pm(p['avg_acc'], p['avg_acc_stderr'])} vs {m} (lr {o['lr']:g}) "
                    f"{pm(o['avg_acc'], o['avg_acc_stderr'])}; heal time {p['heal_time_s']:.0f} s vs {o['heal_time_s']:.0f} s")
-    both = lambda vs: HOLDS if all(x == HOLDS for x in vs) else FAILS if FAILS in vs else INCONCLUSIVE
-    a, t = both(acc), both(fast)
-    return '; '.join(txt) + _edge(d, 'partial-3') + _edge(d, 'lora') + f' (accuracy: {a}; faster: {t})', both([a, t])
+    a, t = combine(acc), combine(fast)
+    return '; '.join(txt) + _edge(d, 'partial-3') + _edge(d, 'lora') + f' (accuracy: {a}; faster: {t})', combine([a, t])
 
 # %% ../nbs/11_claims.ipynb #d6e3754c
 CLAIMS = [  # (letter, claim, the paper's number, function)
