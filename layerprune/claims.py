@@ -88,13 +88,13 @@ def _heal_rows(fig_dir, stem, tokens):
 
 def _se(*ses): return None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses))
 
-def _unhealed(fig_dir, model, half) -> str:
+def _unhealed(fig_dir, model, half, pending=True) -> str:
     "'; before healing: ...' from the unhealed_loss figure (`half` turns its rows into text), or '' where it is not usable."
     stem = f'unhealed_loss_{model}'
     try:
         d = figure(fig_dir, stem)
         need(stem, 'validation documents', [d['provenance'].get('texts', {}).get('evaluation', {}).get('documents')], REQUIRED['val_docs'])
-        return '; before healing (unhealed_loss, healed half pending): ' + half(d['rows'])
+        return f"; before healing (unhealed_loss{', healed half pending' if pending else ''}): " + half(d['rows'])
     except (Missing, KeyError, IndexError, TypeError, ValueError): return ''
 
 def _before_b(rows) -> str:
@@ -111,6 +111,12 @@ def _before_c(rows) -> str:
     return (f"similarity's loss below deepest's by more than 2 standard errors at {vs.count(HOLDS)} of {len(ns)} fractions, "
             f"above at {vs.count(FAILS)}")
 
+def _r2(xs, ys) -> float:
+    "R² of the least-squares straight line through (xs, ys): 1 = exactly linear."
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx, sxy, syy = (sum((x - mx) ** 2 for x in xs), sum((x - mx) * (y - my) for x, y in zip(xs, ys)), sum((y - my) ** 2 for y in ys))
+    return 1.0 if syy == 0 else sxy * sxy / (sxx * syy)
+
 def claim_b(fig_dir, model:str) -> tuple[str, str]:
     "(b) unhealed loss jumps towards the uniform level; healed loss stays well below it and rises with the fraction (heal_curves)."
     stem = f'heal_curves_{model}'
@@ -122,9 +128,11 @@ def claim_b(fig_dir, model:str) -> tuple[str, str]:
     v = compare(gap, _se(top['loss_unhealed_stderr'], top['loss_healed_stderr']))
     rising = all(b['norm_healed'] >= a['norm_healed'] for a, b in zip(rs, rs[1:]))
     fr = ', '.join(f"{r['fraction']:.0%}" for r in rs)
+    r2 = _r2([r['fraction'] for r in rs], [r['loss_healed'] for r in rs])   # Gromov: after healing, about linear
     ours = (f"at {top['fraction']:.0%} dropped: loss/unpruned {top['norm_unhealed']:.2f} unhealed vs {top['norm_healed']:.2f} healed "
             f"(gap {pm(gap, _se(top['loss_unhealed_stderr'], top['loss_healed_stderr']), 2)} nats); healed loss "
-            f"{'rises monotonically' if rising else 'is not monotone'} over {fr}")
+            f"{'rises monotonically' if rising else 'is not monotone'} over {fr}, R² {r2:.2f} for a straight line"
+            + _unhealed(fig_dir, model, _before_b, pending=False))
     return ours, (v if v != HOLDS else HOLDS if rising else INCONCLUSIVE)
 
 # %% ../nbs/11_claims.ipynb #02154d19
