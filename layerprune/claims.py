@@ -117,11 +117,34 @@ def _r2(xs, ys) -> float:
     sxx, sxy, syy = (sum((x - mx) ** 2 for x in xs), sum((x - mx) * (y - my) for x, y in zip(xs, ys)), sum((y - my) ** 2 for y in ys))
     return 1.0 if syy == 0 else sxy * sxy / (sxx * syy)
 
+def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
+    """The QA half of (b), from fig2 before healing: (text, verdict); verdict None where fig2 is not at the required size.
+    Holds if the mean accuracy over tasks is above chance by > 2 s.e. intact and within 2 s.e. of chance (or below) at the
+    largest fraction; fails if it is still clearly above chance there."""
+    from layerprune.evaluate import CHANCE
+    stem = f'fig2_accuracy_{model}'
+    try: d = figure(fig_dir, stem); need(stem, 'items per task', _items(d['provenance']), REQUIRED['items'])
+    except Missing as e: return f'; QA half pending ({e})', None
+    rs = [r for r in d['rows'] if r['strategy'] == 'similarity' and r.get('acc') is not None]
+    tasks = sorted({r['task'] for r in rs}); pts = []
+    for f in sorted({r['fraction'] for r in rs}):
+        at = {r['task']: r for r in rs if r['fraction'] == f}
+        if set(at) != set(tasks): continue
+        ses = [at[t].get('acc_stderr') for t in tasks]
+        pts.append((f, sum(at[t]['acc'] - CHANCE[t] for t in tasks) / len(tasks), None if None in ses else _se(*ses) / len(tasks)))
+    if len(pts) < 2 or pts[0][0] != 0: return f'; QA half: {stem} lacks the intact model or a pruned fraction', None
+    above = [compare(x, se) for _, x, se in pts]
+    first = next((f for (f, _, _), v in zip(pts, above) if f and v != HOLDS), None)
+    v = (INCONCLUSIVE if above[0] != HOLDS else FAILS if above[-1] == HOLDS else HOLDS)
+    return (f"; QA before healing (fig2, similarity, mean over {len(tasks)} tasks, accuracy minus chance): "
+            + ' -> '.join(f'{pm(x, se, 2)} at {f:.0%}' for f, x, se in pts)
+            + (f', within 2 s.e. of chance from {first:.0%}' if first is not None else ', above chance at every fraction')), v
+
 def claim_b(fig_dir, model:str) -> tuple[str, str]:
     "(b) unhealed loss jumps towards the uniform level; healed loss stays well below it and rises with the fraction (heal_curves)."
     stem = f'heal_curves_{model}'
     try: d, rows = _heal_rows(fig_dir, stem, REQUIRED['heal_tokens'])
-    except Missing as e: raise Missing(str(e) + _unhealed(fig_dir, model, _before_b)) from None
+    except Missing as e: raise Missing(str(e) + _unhealed(fig_dir, model, _before_b) + _qa_collapse(fig_dir, model)[0]) from None
     rs = sorted((r for r in rows if r['strategy'] == 'similarity'), key=lambda r: r['n'])
     if len(rs) < 3: raise Missing(f'{stem}: fewer than 3 fractions for similarity')
     top = rs[-1]; gap = top['loss_unhealed'] - top['loss_healed']
@@ -133,7 +156,9 @@ def claim_b(fig_dir, model:str) -> tuple[str, str]:
             f"(gap {pm(gap, _se(top['loss_unhealed_stderr'], top['loss_healed_stderr']), 2)} nats); healed loss "
             f"{'rises monotonically' if rising else 'is not monotone'} over {fr}, R² {r2:.2f} for a straight line"
             + _unhealed(fig_dir, model, _before_b, pending=False))
-    return ours, (v if v != HOLDS else HOLDS if rising else INCONCLUSIVE)
+    healed = v if v != HOLDS else HOLDS if rising else INCONCLUSIVE
+    qa, qv = _qa_collapse(fig_dir, model)
+    return ours + qa, (combine([healed, qv]) if qv else f'{healed} on loss (QA half pending)')
 
 # %% ../nbs/11_claims.ipynb #02154d19
 def claim_c(fig_dir, model:str) -> tuple[str, str]:
@@ -238,7 +263,7 @@ def claim_f(fig_dir, model:str) -> tuple[str, str]:
 # %% ../nbs/11_claims.ipynb #d6e3754c
 CLAIMS = [  # (letter, claim, the paper's number, function)
     ('a', 'the most similar block sits deep: l*(n) in the deeper half for most n', 'Gromov Figs. 1c/4: l*(n) deep for most n on every model', claim_a),
-    ('b', 'unhealed loss jumps towards the uniform level; healed loss rises slowly with the fraction',
+    ('b', 'before healing QA accuracy collapses to chance and loss jumps towards the uniform level; healed loss rises slowly with the fraction',
      'Gromov Figs. 2/3/5: sharp transition (Llama-2 ~45-55%) before healing; slow, ~linear rise after', claim_b),
     ('c', 'before healing similarity beats deepest; after healing they are close', 'Gromov Figs. 3/5: qualitative', claim_c),
     ('d', 'the healing seed does not matter; a larger LoRA rank lowers loss but does not raise QA accuracy',
