@@ -243,6 +243,12 @@ def _edge(d, m) -> str:
     if len(grid) < 2 or best not in (grid[0], grid[-1]): return ''
     return f" ({m}'s rate is the {'top' if best == grid[-1] else 'bottom'} of its grid {', '.join(f'{x:g}' for x in grid)})"
 
+def _heal_time(d, r) -> float:
+    """A method's healing wall time: the fastest of its timed runs (the evaluated run and, for a swept method, the sweep's run at
+    the same rate; the same computation, so the fastest is the one least slowed by whatever else shared the machine)."""
+    same = [s['heal_time_s'] for s in d.get('sweep', []) if s.get('label') == f"{r['method']} lr={r['lr']:g}" and s.get('heal_time_s')]
+    return min([r['heal_time_s']] + same)
+
 def claim_f(fig_dir, model:str) -> tuple[str, str]:
     "(f) partial-3 beats LoRA and QLoRA in average accuracy at equal data, each at its best learning rate, and trains faster (lu_finetune)."
     stem = f'lu_finetune_{model}'; d = _acc_figure(fig_dir, stem)
@@ -253,12 +259,14 @@ def claim_f(fig_dir, model:str) -> tuple[str, str]:
     for m in ('lora', 'qlora'):
         if m not in by: continue
         o = by[m]; diff, se = p['avg_acc'] - o['avg_acc'], _se(p['avg_acc_stderr'], o['avg_acc_stderr'])
-        acc.append(compare(diff, se)); ratio = p['heal_time_s'] / o['heal_time_s']
+        tp, to = _heal_time(d, p), _heal_time(d, o)
+        acc.append(compare(diff, se)); ratio = tp / to
         fast.append(HOLDS if ratio < 1 - TIME_MARGIN else FAILS if ratio > 1 + TIME_MARGIN else INCONCLUSIVE)
         txt.append(f"partial-3 (lr {p['lr']:g}) {pm(p['avg_acc'], p['avg_acc_stderr'])} vs {m} (lr {o['lr']:g}) "
-                   f"{pm(o['avg_acc'], o['avg_acc_stderr'])}; heal time {p['heal_time_s']:.0f} s vs {o['heal_time_s']:.0f} s")
+                   f"{pm(o['avg_acc'], o['avg_acc_stderr'])}; heal time {tp:.0f} s vs {to:.0f} s")
     a, t = combine(acc), combine(fast)
-    return '; '.join(txt) + _edge(d, 'partial-3') + _edge(d, 'lora') + f' (accuracy: {a}; faster: {t})', combine([a, t])
+    return ('; '.join(txt) + ' (heal time: the fastest of its timed runs)' + _edge(d, 'partial-3') + _edge(d, 'lora')
+            + f' (accuracy: {a}; faster: {t})'), combine([a, t])
 
 # %% ../nbs/11_claims.ipynb #d6e3754c
 CLAIMS = [  # (letter, claim, the paper's number, function)
