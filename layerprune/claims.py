@@ -61,6 +61,10 @@ def combine(verdicts:list) -> str:
     "One verdict from several parts: HOLDS if every part holds, FAILS if any fails, else INCONCLUSIVE."
     return HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else INCONCLUSIVE
 
+def _majority(vs:list) -> str:
+    "HOLDS or FAILS where more than half of the verdicts (e.g. one per n or per fraction) say so, else INCONCLUSIVE."
+    return HOLDS if vs.count(HOLDS) > len(vs) / 2 else FAILS if vs.count(FAILS) > len(vs) / 2 else INCONCLUSIVE
+
 def pm(x:float, se:float|None, digits:int=3) -> str:
     "'x ± se'."
     return f'{x:.{digits}f}' if se is None else f'{x:.{digits}f} ± {se:.{digits}f}'
@@ -78,7 +82,7 @@ def claim_a(fig_dir, model:str) -> tuple[str, str]:
     stay = sum(b['stay'] for b in boot) / len(boot)
     ours = (f'deep for {deep} of {len(boot)} n, shallow for {shallow} (90% bootstrap intervals, {boot[0]["resamples"]} resamples '
             f'of {p["documents"]} documents); l*(n) unchanged in {stay:.0%} of resamples on average')
-    return ours, HOLDS if deep > len(boot) / 2 else FAILS if shallow > len(boot) / 2 else INCONCLUSIVE
+    return ours, _majority([HOLDS if b['lo'] >= mid(b['n']) else FAILS if b['hi'] < mid(b['n']) else INCONCLUSIVE for b in boot])
 
 # %% ../nbs/11_claims.ipynb #733bec38
 def _heal_rows(fig_dir, stem, tokens):
@@ -112,12 +116,6 @@ def _before_c(rows) -> str:
     return (f"similarity's loss below deepest's by more than 2 standard errors at {vs.count(HOLDS)} of {len(ns)} fractions, "
             f"above at {vs.count(FAILS)}")
 
-def _r2(xs, ys) -> float:
-    "R² of the least-squares straight line through (xs, ys): 1 = exactly linear."
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx, sxy, syy = (sum((x - mx) ** 2 for x in xs), sum((x - mx) * (y - my) for x, y in zip(xs, ys)), sum((y - my) ** 2 for y in ys))
-    return 1.0 if syy == 0 else sxy * sxy / (sxx * syy)
-
 def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
     """The QA half of (b), from fig2 before healing: (text, verdict); verdict None where fig2 is not at the required size.
     Holds if the mean accuracy over tasks is above chance by > 2 s.e. intact and within 2 s.e. of chance (or below) at the
@@ -141,10 +139,13 @@ def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
             + ' -> '.join(f'{pm(x, se, 2)} at {f:.0%}' for f, x, se in pts)
             + (f', within 2 s.e. of chance from {first:.0%}' if first is not None else ', above chance at every fraction')), v
 
-def _slope(xs, ys, ses) -> tuple[float, float|None]:
-    "Least-squares slope of ys on xs and its standard error from the points' (independent) standard errors."
-    mx = sum(xs) / len(xs); sxx = sum((x - mx) ** 2 for x in xs); w = [(x - mx) / sxx for x in xs]
-    return sum(a * y for a, y in zip(w, ys)), (None if None in ses else math.sqrt(sum((a * e) ** 2 for a, e in zip(w, ses))))
+def _line(xs, ys, ses) -> tuple[float, float|None, float]:
+    """Least-squares straight line of ys on xs: its slope, the slope's standard error from the points' (independent) standard
+    errors (None if one is missing), and R² (1 = exactly linear)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys); sxx = sum((x - mx) ** 2 for x in xs); w = [(x - mx) / sxx for x in xs]
+    slope, syy = sum(a * y for a, y in zip(w, ys)), sum((y - my) ** 2 for y in ys)
+    se = None if None in ses else math.sqrt(sum((a * e) ** 2 for a, e in zip(w, ses)))
+    return slope, se, (1.0 if syy == 0 else slope * slope * sxx / syy)
 
 def claim_b(fig_dir, model:str) -> tuple[str, str]:
     """(b) before healing QA accuracy collapses to chance (fig2) and loss jumps towards the uniform level (unhealed_loss, reported);
@@ -158,14 +159,14 @@ def claim_b(fig_dir, model:str) -> tuple[str, str]:
     top = rs[-1]; gap = top['loss_unhealed'] - top['loss_healed']
     v = compare(gap, _se(top['loss_unhealed_stderr'], top['loss_healed_stderr']))
     xs, ys = [10 * r['fraction'] for r in rs], [r['loss_healed'] for r in rs]   # slope per 10% of the layers
-    slope, sse = _slope(xs, ys, [r['loss_healed_stderr'] for r in rs])
+    slope, sse, r2 = _line(xs, ys, [r['loss_healed_stderr'] for r in rs])
     dips = [b for a, b in zip(rs, rs[1:]) if b['loss_healed'] < a['loss_healed']]
     big = [b for a, b in zip(rs, rs[1:]) if compare(a['loss_healed'] - b['loss_healed'], _se(a['loss_healed_stderr'], b['loss_healed_stderr'])) == HOLDS]
     rise = compare(slope, sse)
     pct = lambda rows: ', '.join(f"{r['fraction']:.0%}" for r in rows); fr = pct(rs)
     ours = (f"at {top['fraction']:.0%} dropped: loss/unpruned {top['norm_unhealed']:.2f} unhealed vs {top['norm_healed']:.2f} healed "
             f"(gap {pm(gap, _se(top['loss_unhealed_stderr'], top['loss_healed_stderr']), 2)} nats); healed loss over {fr}: "
-            f"{' / '.join(f'{y:.2f}' for y in ys)} nats, slope {pm(slope, sse, 2)} nats per 10% dropped, R² {_r2(xs, ys):.2f} for a "
+            f"{' / '.join(f'{y:.2f}' for y in ys)} nats, slope {pm(slope, sse, 2)} nats per 10% dropped, R² {r2:.2f} for a "
             f"straight line" + (f"; steps down by more than 2 s.e. at {pct(big)}" if big else
                                 f"; monotone within 2 s.e. (dips at {pct(dips)})" if dips else '; monotone')
             + _unhealed(fig_dir, model, _before_b, pending=False))
@@ -176,10 +177,6 @@ def claim_b(fig_dir, model:str) -> tuple[str, str]:
 # %% ../nbs/11_claims.ipynb #02154d19
 CLOSE_MARGIN = 0.05   # (c) "close after healing": healed losses within 5% of the similarity's healed loss (our reading of Gromov's
                       # "comparable"; the paper gives no number)
-
-def _majority(vs) -> str:
-    "HOLDS or FAILS where more than half of the per-fraction verdicts say so, else INCONCLUSIVE."
-    return HOLDS if vs.count(HOLDS) > len(vs) / 2 else FAILS if vs.count(FAILS) > len(vs) / 2 else INCONCLUSIVE
 
 def claim_c(fig_dir, model:str) -> tuple[str, str]:
     """(c) before healing similarity beats deepest (deepest's loss > 2 s.e. higher); after healing the two are close: the gap is
