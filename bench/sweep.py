@@ -18,6 +18,16 @@ and the shared pass: the read positions; per-variant lm-eval (HFLM): every posit
 
   python bench/sweep.py [--model smollm2-135m] [--samples 16] [--seq-len 128] [--limit 50] [--json OUT]
   python bench/sweep.py --smoke      # tiny:llama, seconds (tests/test_bench.py)
+
+With --rows TASK[:SHOTS] it measures instead the row sharing inside `sweep_loglikelihoods` on that task's real requests
+(unpruned model): a request whose input is a prefix of another's rides on its row (MMLU's 4 one-token answers after
+one context: 1 row instead of 4) vs one row per request (the pass before), interleaved ABAB over --repeats, answers
+compared. It prints
+  rows: shared / one-per-request time ratio = X      (median of the interleaved pairs, min, max)
+  ideal = Y                                          (tokens fed, shared / one-per-request)
+
+  python bench/sweep.py --rows boolq --limit 24 --repeats 3
+  python bench/sweep.py --rows mmlu:5 --limit 1 --repeats 1   # 57 subjects x 1 question, 5-shot
 """
 import argparse, json, os, sys, time
 from pathlib import Path
@@ -81,6 +91,47 @@ def llama70b_ideals(read_cont):
         'this plan (similarity, deepest, reverse x 0.0-0.7) loss': ideal(vs([sim, deep, rev], fig2), L, c_l, c_h, 1, 1),
     }
 
+def one_row_each(reqs, max_length):
+    "The loglikelihood pass before row sharing: one row per request, longest first (as lm-eval's HFLM)."
+    inps = [(list(c) + list(x))[-(max_length + 1):][:-1] for c, x in reqs]
+    return [(inps[i], [(i, len(inps[i]))]) for i in sorted(range(len(reqs)), key=lambda i: (-len(inps[i]), tuple(inps[i])))]
+
+def rows_bench(a, model, tok, dev):
+    "Row sharing in `sweep_loglikelihoods` vs one row per request, on the real requests of `a.rows`."
+    task, _, shots = a.rows.partition(':')
+    seen, orig, shared_rows = [], S.sweep_loglikelihoods, S._cont_rows
+    class Captured(Exception): pass
+    def spy(m, reqs, *x, **k): seen.extend(reqs); raise Captured
+    S.sweep_loglikelihoods = spy
+    try: S.evaluate_variants(model, tok, [[]], [task], limit=a.limit, num_fewshot=int(shots) if shots else None)
+    except Captured: pass
+    finally: S.sweep_loglikelihoods = orig
+    if a.max_requests: seen = seen[:a.max_requests]   # lm-eval lists a question's answers together
+    ml = 2048
+    fed = lambda rows: sum(len(t) for t, _ in rows)
+    y = fed(shared_rows(seen, ml)) / fed(one_row_each(seen, ml))
+    print(f'rows: {task} {shots or 0}-shot, {len(seen)} requests: {len(shared_rows(seen, ml))} shared rows vs {len(seen)}; '
+          f'load {load()}', flush=True)
+    ts, to, diff = [], [], 0.0
+    for r in range(a.repeats):
+        for way in (('shared', 'one') if r % 2 == 0 else ('one', 'shared')):
+            S._cont_rows = shared_rows if way == 'shared' else one_row_each
+            try: t, res = timed(lambda: S.sweep_loglikelihoods(model, seen, [[]], a.batch_size, ml), dev)
+            finally: S._cont_rows = shared_rows
+            (ts if way == 'shared' else to).append(t)
+            if way == 'shared': rs = res[()]
+            else: ro = res[()]
+        diff = max([diff] + [abs(x[0] - z[0]) / max(1.0, abs(z[0])) for x, z in zip(rs, ro)])
+        print(f'  pair {r + 1}/{a.repeats}: shared {ts[-1]:.1f}s, one row per request {to[-1]:.1f}s; load {load()}', flush=True)
+    ratios = sorted(x / z for x, z in zip(ts, to)); med = ratios[len(ratios) // 2]
+    greedy_same = sum(x[1] == z[1] for x, z in zip(rs, ro))
+    print(f'rows: answers max relative difference {diff:.1e}, is_greedy equal for {greedy_same} of {len(seen)}')
+    print(f'rows: shared / one-per-request time ratio = {med:.3f}  (median of {len(ratios)} interleaved pairs, '
+          f'min {ratios[0]:.3f}, max {ratios[-1]:.3f})')
+    print(f'ideal = {y:.3f}  (tokens fed)')
+    return dict(task=task, shots=int(shots or 0), requests=len(seen), rows=len(shared_rows(seen, ml)), ratio=med,
+                ratios=ratios, ideal=y, max_rel_diff=diff, greedy_equal=greedy_same, shared_s=ts, one_row_s=to, load_end=load())
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='smollm2-135m'); p.add_argument('--samples', type=int, default=16)
@@ -93,6 +144,10 @@ def main():
     p.add_argument('--per-variant-sample', type=int, default=None,
                    help='lm-eval: time the per-variant way on only K of the distinct variants (chosen evenly from the list '
                         'sorted by kept layers) and scale its time by (distinct / K); equality is checked on those K')
+    p.add_argument('--rows', default=None, metavar='TASK[:SHOTS]',
+                   help="measure row sharing in sweep_loglikelihoods on this task's requests instead (see above)")
+    p.add_argument('--repeats', type=int, default=3, help='--rows: interleaved pairs')
+    p.add_argument('--max-requests', type=int, default=None, help="--rows: only the task's first N requests")
     p.add_argument('--smoke', action='store_true', help='tiny:llama with the tiniest sizes (seconds)')
     p.add_argument('--device', default=None); p.add_argument('--json', default=None)
     a = p.parse_args()
@@ -100,6 +155,11 @@ def main():
 
     model, tok = load_model(a.model, device=a.device)
     dev = next(model.parameters()).device; L = decoder(model).num_layers
+    if a.rows:
+        print(f'# {a.model} on {machine()}; load average {load()} (1/5/15 min; a shared machine)')
+        res = dict(model=a.model, machine=machine(), rows=rows_bench(a, model, tok, dev))
+        if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+        return
     texts = load_texts('wiki', 'validation', a.samples)
     calib = load_texts('wiki', 'train', a.calib_samples)
     fr = [float(x) for x in a.fractions.split(',')]; strategies = a.strategies.split(',')

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, functools
 import torch
 import torch.nn.functional as F
-from .utils import LayerpruneError
+from .utils import LayerpruneError, progress
 from .models import decoder, model_device
 from .data import batches
 from .loss import output_vocab_size, head_logits, _summary, _packed_batches
@@ -182,43 +182,54 @@ def sweep_loss(model, # a causal LM (any architecture `layerprune.models.decoder
     return [dict(res[v], layers=list(v)) for v in vs]
 
 # %% ../nbs/03b_sweep.ipynb #e708655d
-def _cont_batches(reqs, batch_size:int, max_length:int):
-    "HFLM's order and batching of (context, continuation) token requests: longest first, right-padded with 0."
-    order = sorted(range(len(reqs)), key=lambda i: (-len(reqs[i][0] + reqs[i][1]), tuple(reqs[i][0] + reqs[i][1])))
-    for j in range(0, len(order), batch_size):
-        idx = order[j:j+batch_size]
-        inps = [(reqs[i][0] + reqs[i][1])[-(max_length + 1):][:-1] for i in idx]
-        T = max(map(len, inps))
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        for r, x in enumerate(inps): ids[r, :len(x)] = torch.tensor(x)
-        yield idx, ids, [len(x) for x in inps]
+def _cont_rows(reqs, max_length:int):
+    "Forward rows for (context, continuation) token requests, longest first: `[(tokens, [(request index, input length), ...])]`."
+    inps = [(list(c) + list(x))[-(max_length + 1):][:-1] for c, x in reqs]   # what HFLM feeds: all but the last token
+    trie, rows = {}, []
+    for i in sorted(range(len(reqs)), key=lambda i: (-len(inps[i]), tuple(inps[i]))):
+        node = trie
+        for t in inps[i]:
+            node = node.get(t)
+            if node is None: break
+        if inps[i] and node is not None: rows[node[None]][1].append((i, len(inps[i]))); continue   # a prefix of a longer row
+        node = trie
+        for t in inps[i]: node = node.setdefault(t, {None: len(rows)})
+        rows.append((inps[i], [(i, len(inps[i]))]))
+    return rows
 
 @torch.no_grad()
 def sweep_loglikelihoods(model, # a causal LM; left unchanged
                          requests:list, # (context tokens, continuation tokens) pairs, as lm-eval encodes them
                          variants, # list of variants (sets/lists of 0-based layer indices to remove; empty: unpruned)
-                         batch_size:int=8, # requests per forward pass
+                         batch_size:int=8, # rows per forward pass (a row answers every request whose input is a prefix of it)
                          max_length:int=2048, # context window: longer requests are cut from the left (as lm-eval does)
                          logit_chunk:int=2**24, # at most this many logits exist at once
                         ) -> dict:
-    "`{variant: [(log-likelihood, is_greedy), ...]}` for every request, with the head applied only at continuation tokens."
+    "`{variant: [(log-likelihood, is_greedy), ...]}` for every request; a request whose input is a prefix of another's shares its row."
     vs = check_variants(variants, decoder(model).num_layers)
     root = build_trie(vs, decoder(model).num_layers)
     out = {v: [None] * len(requests) for v in vs}
     step = max(1, logit_chunk // output_vocab_size(model)); dev = model_device(model)
-    for bi, (idx, ids, lens) in enumerate(_cont_batches([(list(c), list(x)) for c, x in requests], batch_size, max_length)):
-        conts = [list(requests[i][1]) for i in idx]
-        rows = torch.cat([torch.full((len(c),), r) for r, c in enumerate(conts)])
-        cols = torch.cat([torch.arange(n - len(c), n) for n, c in zip(lens, conts)])
-        tgt = torch.tensor([t for c in conts for t in c], device=dev)
+    rows_all = _cont_rows(requests, max_length)
+    bar = progress(total=len(requests), desc='loglikelihood', unit='request')
+    for bi in range(0, len(rows_all), batch_size):
+        chunk = rows_all[bi:bi+batch_size]
+        ids = torch.zeros(len(chunk), max(len(t) for t, _ in chunk), dtype=torch.long)   # right-padded with 0, as HFLM
+        for r, (t, _) in enumerate(chunk): ids[r, :len(t)] = torch.tensor(t)
+        members = [(r, i, n, list(requests[i][1])) for r, (_, m) in enumerate(chunk) for i, n in m]
+        rows = torch.cat([torch.full((len(c),), r) for r, _, _, c in members])
+        cols = torch.cat([torch.arange(n - len(c), n) for _, _, n, c in members])
+        tgt = torch.tensor([t for *_, c in members for t in c], device=dev)
         def leaf(v, h):
             hs = _tail(decoder(model), h[rows.to(dev), cols.to(dev)])
             lp = torch.cat([F.log_softmax(head_logits(model, hs[i:i+step]), -1) for i in range(0, hs.shape[0], step)])
             ll = lp.gather(1, tgt[:, None])[:, 0].cpu(); greedy = (lp.argmax(-1) == tgt).cpu()
             p = 0
-            for i, c in zip(idx, conts):
+            for _, i, _, c in members:
                 out[v][i] = (float(ll[p:p+len(c)].sum()), bool(greedy[p:p+len(c)].all())); p += len(c)
         run_variants(model, root, dict(input_ids=ids.to(dev)), leaf, check_tail=bi == 0)
+        bar.update(len(members))
+    bar.close()
     return out
 
 # %% ../nbs/03b_sweep.ipynb #3939b4e9

@@ -38,6 +38,16 @@ def test_sweep(tmp_path):
     assert all(0 < v < 0.5 for v in res['llama2_70b_ideal'].values())   # 80 layers: deep blocks share almost everything
 
 
+def test_sweep_rows(tmp_path):
+    "--rows: an MMLU question's 4 answers (' A'...' D', 2 tokens each here) ride on one row; the answers match one row per request."
+    out, res = run_bench('sweep', '--model', 'tiny:llama', '--rows', 'mmlu', '--limit', 1, '--max-requests', 12, '--repeats', 1,
+                         tmp_path=tmp_path)
+    assert 'rows: shared / one-per-request time ratio = ' in out and '\nideal = ' in out
+    r = res['rows']
+    assert r['requests'] == 12 and r['rows'] == 3 and r['ideal'] == pytest.approx(0.25)
+    assert r['max_rel_diff'] < 1e-5 and r['greedy_equal'] == 12 and r['ratio'] > 0
+
+
 def test_pruned(tmp_path):
     out, res = run_bench('pruned', '--model', 'tiny:llama', '--prompt-len', 8, '--decode-tokens', 2, '--rounds', 1,
                          tmp_path=tmp_path)

@@ -115,6 +115,29 @@ def test_loglikelihoods_equal_hflm():
             assert abs(ll - rll) <= 1e-5 * max(1.0, abs(rll)) and gr == rgr, (v, ll, rll)
 
 
+def test_loglikelihoods_shared_rows_equal_hflm():
+    "Requests that ride on another's row (one-token answers after one context, a continuation that prefixes another) get HFLM's answers."
+    from lm_eval.models.huggingface import HFLM
+    m, tok = tiny_model('llama'), tiny_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    ctxs = [torch.randint(2, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (6,), generator=g)]
+    reqs = [(c, [a]) for c in ctxs for a in (11, 12, 13, 14)]                        # MMLU-like: 4 one-token answers
+    reqs += [(ctxs[0], [7, 8, 9]), (ctxs[0], [7, 8]), (ctxs[0][:2], ctxs[0][2:5])]   # prefixes of one another
+    rows = S._cont_rows(reqs, 2048)
+    assert len(rows) == 6 and sorted(i for _, mem in rows for i, _ in mem) == list(range(len(reqs)))
+    for t, mem in rows:
+        for i, n in mem: assert t[:n] == (reqs[i][0] + reqs[i][1])[:-1]
+    vs = [[], [1, 2], [4]]
+    res = S.sweep_loglikelihoods(m, reqs, vs, batch_size=4)
+    lm = HFLM(pretrained=m, tokenizer=tok, batch_size=1)
+    for v in vs:
+        with skip_layers(m, v): ref = lm._loglikelihood_tokens([(('', ''), c, x) for c, x in reqs], disable_tqdm=True)
+        for (ll, gr), (rll, rgr) in zip(res[tuple(v)], ref):
+            assert abs(ll - rll) <= 1e-5 * max(1.0, abs(rll)) and gr == rgr, (v, ll, rll)
+    cut = S._cont_rows([(list(range(2, 40)), [5])], 10)   # past the context window: cut from the left, as HFLM
+    assert cut == [(list(range(30, 40)), [(0, 10)])]
+
+
 def test_lm_eval_equals_per_variant():
     from layerprune.evaluate import evaluate_tasks
     m, tok = tiny_model('llama'), tiny_tokenizer()

@@ -19,6 +19,17 @@ MODELS=${MODELS:-smollm2-135m gemma3-270m}
 LOG=${FIDELITY_LOG:-runs/fidelity.log}
 mkdir -p runs results/cache
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $*" >> "$LOG"; }
+# Background priority: `nice` ranks processes only within one autogroup (one per session), and setsid and papermill's
+# notebook kernels each start a session of their own, so a niced run still took an equal share of the cores from
+# `make test`. Lower the autogroups of this script and all its descendants too (Linux with autogroup; else a no-op).
+background() {
+  local p
+  for p in $(ps -e -o pid=,ppid= | awk -v root=$$ '{up[$1] = $2} END {for (p in up) {q = p; while (q in up && q != root && q > 1) q = up[q]; if (q == root) print p}}'); do
+    { echo 19 > "/proc/$p/autogroup"; } 2>/dev/null
+  done; return 0
+}
+( while background; sleep 20; do :; done ) & watcher=$!
+trap 'kill $watcher 2>/dev/null' EXIT
 log "start pid $$ jobs=$JOBS models=$MODELS (cache: results/cache)"
 for job in ${JOBS//,/ }; do
   for model in $MODELS; do
