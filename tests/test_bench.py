@@ -48,6 +48,15 @@ def test_sweep_rows(tmp_path):
     assert r['max_rel_diff'] < 1e-5 and r['greedy_equal'] == 12 and r['ratio'] > 0
 
 
+def test_evaluate(tmp_path):
+    "evaluate_tasks through eval_lm (SweepLM) vs lm-eval's HFLM: same results, both timed, an ideal below 1."
+    out, res = run_bench('evaluate', '--smoke', tmp_path=tmp_path)
+    for line in ('eval_lm / HFLM time ratio = ', '\nideal = ', 'results identical (acc, acc_norm of every task): True'):
+        assert line in out, line
+    assert res['identical'] and res['ratio'] > 0 and 0 < res['ideal'] < 1
+    assert res['fed_shared'] <= res['fed_hflm'] and res['head_positions'] < res['fed_hflm']   # the head only where answers are read
+
+
 def test_pruned(tmp_path):
     out, res = run_bench('pruned', '--model', 'tiny:llama', '--prompt-len', 8, '--decode-tokens', 2, '--rounds', 1,
                          tmp_path=tmp_path)

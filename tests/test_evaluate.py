@@ -124,3 +124,25 @@ def test_paper_notebooks_execute_with_papermill(run_paper):
     assert all(r['cmmlu'] == 'n/a (offline)' for r in rows)
     rows = list(csv.DictReader(open(tmp_path/'figures'/'fig2_accuracy_tiny_llama.csv')))
     assert sorted({(r['strategy'], r['n']) for r in rows}) == [('deepest', '0'), ('deepest', '3'), ('similarity', '0'), ('similarity', '3')]
+
+
+def test_eval_lm_equals_hflm(monkeypatch):
+    "evaluate_tasks answers through SweepLM (head only at continuations, shared rows): lm-eval's HFLM gives the same results."
+    from lm_eval.models.huggingface import HFLM
+    import layerprune.evaluate as E
+    m, tok = tiny_model('gemma3'), tiny_tokenizer()
+    got = evaluate_tasks(m, tok, ['hellaswag', 'mmlu'], limit=2, num_fewshot={'mmlu': 1}, offline=True)
+    monkeypatch.setattr(E, 'eval_lm', lambda model, tokenizer, batch_size=8: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
+    ref = evaluate_tasks(m, tok, ['hellaswag', 'mmlu'], limit=2, num_fewshot={'mmlu': 1}, offline=True)
+    for t in ref:
+        for k in ('acc', 'acc_norm', 'acc_stderr', 'samples'): assert got[t].get(k) == pytest.approx(ref[t].get(k)), (t, k)
+
+
+def test_eval_lm_falls_back_to_hflm(monkeypatch):
+    "A model whose layers layerprune cannot walk is evaluated by plain HFLM."
+    import layerprune.evaluate as E
+    m, tok = tiny_model('llama'), tiny_tokenizer()
+    assert type(E.eval_lm(m, tok)).__name__ == 'SweepLM'
+    def unknown(model): raise LayerpruneError('cannot find the decoder layers')
+    monkeypatch.setattr(E, 'decoder', unknown)
+    assert type(E.eval_lm(m, tok)).__name__ == 'HFLM'
