@@ -46,8 +46,13 @@ def save_figure(fig, # a matplotlib Figure
                 dpi:int=150,
                ) -> list[Path]:
     """Save `fig` as `<stem>.png`/`.pdf` (+ CSV/JSON) atomically, and `<stem>.run.json` (commit, machine, date, wall time).
-    Everything but the run record is a function of the inputs, so re-running reproduces it byte for byte."""
+    Everything but the run record is a function of the inputs, so re-running reproduces it byte for byte; a re-run that
+    reproduces the same numbers (a redraw from the cache) keeps the record of the run that computed them."""
     stem = Path(stem); stem.parent.mkdir(parents=True, exist_ok=True)
+    if rows is not None and data is not None and 'rows' not in data: data = {**data, 'rows': rows}   # the JSON is complete
+    if provenance is not None: data = {**(data or {}), 'provenance': dict(package_version=_version(), **provenance)}
+    numbers = stem.with_name(stem.name + '.json') if data is not None else stem.with_name(stem.name + '.csv') if rows is not None else None
+    before = numbers.read_bytes() if numbers is not None and numbers.exists() else None
     out = []
     for ext in ('png', 'pdf'):
         buf = io.BytesIO()
@@ -55,10 +60,10 @@ def save_figure(fig, # a matplotlib Figure
         fig.savefig(buf, format=ext, dpi=dpi, bbox_inches='tight', metadata=meta)
         out.append(atomic_write_bytes(stem.with_name(f'{stem.name}.{ext}'), buf.getvalue()))
     if rows is not None: out.append(write_csv(stem.with_name(stem.name + '.csv'), rows))
-    if rows is not None and data is not None and 'rows' not in data: data = {**data, 'rows': rows}   # the JSON is complete
-    if provenance is not None: data = {**(data or {}), 'provenance': dict(package_version=_version(), **provenance)}
     if data is not None: out.append(atomic_write_json(stem.with_name(stem.name + '.json'), data))
-    out.append(atomic_write_json(stem.with_name(stem.name + '.run.json'), run_record(wall_s)))
+    record = stem.with_name(stem.name + '.run.json')
+    if before is None or numbers.read_bytes() != before or not record.exists(): atomic_write_json(record, run_record(wall_s))
+    out.append(record)
     return out
 
 def _version():
