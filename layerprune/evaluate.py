@@ -233,7 +233,7 @@ def evaluate_tasks(model, # an in-memory causal LM (pruned or not)
         for t in progress(tasks, desc='lm-eval', unit='task'):
             results[t] = run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler)
             if on_result: on_result(t, results[t])
-            if hasattr(lm, 'answers'): lm.answers.clear(); lm.encoded.clear()   # SweepLM keeps a task's answers only
+            if hasattr(lm, 'reset'): lm.reset()   # SweepLM: keep one task's answers at a time
     return results
 
 # %% ../nbs/04_evaluate.ipynb #c8f61a7f

@@ -246,6 +246,8 @@ def sweep_lm_class():
             super().__init__(pretrained=pretrained, **kw)
             self.variants = check_variants(variants, decoder(self.model).num_layers)
             self.variant, self.answers, self.encoded = self.variants[0], {}, {}
+        def reset(self):   # forget the answers and encodings of the last task
+            self.answers.clear(); self.encoded.clear()
         def select(self, variant):
             v = check_variants([variant], decoder(self.model).num_layers)[0]
             if v not in self.variants: raise LayerpruneError(f'variant {list(v)} is not one of this SweepLM\'s variants')
@@ -286,10 +288,10 @@ def evaluate_variants(model, # an in-memory causal LM (left unchanged)
     try:
         with E.task_manager(offline) as tm:
             for t in tasks:
-                lm.answers.clear(); lm.encoded.clear()   # answers for every variant are computed at the first variant's requests
+                lm.reset()   # answers for every variant are computed at the first variant's requests
                 spec = None if offline and t in E.HUB_ONLY_TASKS else E.task_objects(tm, t, fewshot_sampler)   # built once, not per variant
                 for v in dict.fromkeys(vs):
                     lm.select(v)
                     results[v][t] = E.run_task(lm, tm, t, offline, limit, fs.get(t), seed, fewshot_sampler, spec)
-    finally: lm.answers.clear(); lm.encoded.clear()
+    finally: lm.reset()
     return [{t: dict(r) for t, r in results[v].items()} for v in vs]

@@ -99,25 +99,28 @@ def test_bad_texts(texts):
     with pytest.raises(LayerpruneError, match='>= 1'): S.sweep_loss(m, tok, texts, [[]], seq_len=0)
 
 
-def test_loglikelihoods_equal_hflm():
-    "Per request and variant, the shared pass gives lm-eval HFLM's own (log-likelihood, is_greedy)."
+def assert_equal_hflm(m, tok, reqs, vs, batch_size=4):
+    "`sweep_loglikelihoods` of every variant equals lm-eval HFLM's own (log-likelihood, is_greedy) under `skip_layers`."
     from lm_eval.models.huggingface import HFLM
-    m, tok = tiny_model('gemma3'), tiny_tokenizer()
-    g = torch.Generator().manual_seed(0)
-    reqs = [(torch.randint(2, 300, (int(n),), generator=g).tolist(), torch.randint(2, 300, (int(k),), generator=g).tolist())
-            for n, k in zip(torch.randint(1, 30, (11,), generator=g), torch.randint(1, 5, (11,), generator=g))]
-    vs = [[], [2, 3], [5], [0, 1, 2, 3, 4]]
-    res = S.sweep_loglikelihoods(m, reqs, vs, batch_size=4)
-    lm = HFLM(pretrained=m, tokenizer=tok, batch_size=4)
+    res = S.sweep_loglikelihoods(m, reqs, vs, batch_size=batch_size)
+    lm = HFLM(pretrained=m, tokenizer=tok, batch_size=1)
     for v in vs:
         with skip_layers(m, v): ref = lm._loglikelihood_tokens([(('', ''), c, x) for c, x in reqs], disable_tqdm=True)
         for (ll, gr), (rll, rgr) in zip(res[tuple(v)], ref):
             assert abs(ll - rll) <= 1e-5 * max(1.0, abs(rll)) and gr == rgr, (v, ll, rll)
 
 
+def test_loglikelihoods_equal_hflm():
+    "Per request and variant, the shared pass gives lm-eval HFLM's own (log-likelihood, is_greedy)."
+    m, tok = tiny_model('gemma3'), tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    reqs = [(torch.randint(2, 300, (int(n),), generator=g).tolist(), torch.randint(2, 300, (int(k),), generator=g).tolist())
+            for n, k in zip(torch.randint(1, 30, (11,), generator=g), torch.randint(1, 5, (11,), generator=g))]
+    assert_equal_hflm(m, tok, reqs, [[], [2, 3], [5], [0, 1, 2, 3, 4]])
+
+
 def test_loglikelihoods_shared_rows_equal_hflm():
     "Requests that ride on another's row (one-token answers after one context, a continuation that prefixes another) get HFLM's answers."
-    from lm_eval.models.huggingface import HFLM
     m, tok = tiny_model('llama'), tiny_tokenizer()
     g = torch.Generator().manual_seed(1)
     ctxs = [torch.randint(2, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (6,), generator=g)]
@@ -127,13 +130,7 @@ def test_loglikelihoods_shared_rows_equal_hflm():
     assert len(rows) == 6 and sorted(i for _, mem in rows for i, _ in mem) == list(range(len(reqs)))
     for t, mem in rows:
         for i, n in mem: assert t[:n] == (reqs[i][0] + reqs[i][1])[:-1]
-    vs = [[], [1, 2], [4]]
-    res = S.sweep_loglikelihoods(m, reqs, vs, batch_size=4)
-    lm = HFLM(pretrained=m, tokenizer=tok, batch_size=1)
-    for v in vs:
-        with skip_layers(m, v): ref = lm._loglikelihood_tokens([(('', ''), c, x) for c, x in reqs], disable_tqdm=True)
-        for (ll, gr), (rll, rgr) in zip(res[tuple(v)], ref):
-            assert abs(ll - rll) <= 1e-5 * max(1.0, abs(rll)) and gr == rgr, (v, ll, rll)
+    assert_equal_hflm(m, tok, reqs, [[], [1, 2], [4]])
     cut = S._cont_rows([(list(range(2, 40)), [5])], 10)   # past the context window: cut from the left, as HFLM
     assert cut == [(list(range(30, 40)), [(0, 10)])]
 
