@@ -109,9 +109,8 @@ def rows_bench(a, model, tok, dev):
     if a.max_requests: seen = seen[:a.max_requests]   # lm-eval lists a question's answers together
     ml = 2048
     fed = lambda rows: sum(len(t) for t, _ in rows)
-    y = fed(shared_rows(seen, ml)) / fed(one_row_each(seen, ml))
-    print(f'rows: {task} {shots or 0}-shot, {len(seen)} requests: {len(shared_rows(seen, ml))} shared rows vs {len(seen)}; '
-          f'load {load()}', flush=True)
+    n_rows = len(rows := shared_rows(seen, ml)); y = fed(rows) / fed(one_row_each(seen, ml))
+    print(f'rows: {task} {shots or 0}-shot, {len(seen)} requests: {n_rows} shared rows vs {len(seen)}; load {load()}', flush=True)
     ts, to, diff = [], [], 0.0
     for r in range(a.repeats):
         for way in (('shared', 'one') if r % 2 == 0 else ('one', 'shared')):
@@ -129,7 +128,7 @@ def rows_bench(a, model, tok, dev):
     print(f'rows: shared / one-per-request time ratio = {med:.3f}  (median of {len(ratios)} interleaved pairs, '
           f'min {ratios[0]:.3f}, max {ratios[-1]:.3f})')
     print(f'ideal = {y:.3f}  (tokens fed)')
-    return dict(task=task, shots=int(shots or 0), requests=len(seen), rows=len(shared_rows(seen, ml)), ratio=med,
+    return dict(task=task, shots=int(shots or 0), requests=len(seen), rows=n_rows, ratio=med,
                 ratios=ratios, ideal=y, max_rel_diff=diff, greedy_equal=greedy_same, shared_s=ts, one_row_s=to, load_end=load())
 
 def main():
