@@ -1,5 +1,6 @@
 "Shared helpers for the benchmark scripts: peak-memory sampling and timing (not part of the package)."
 import json, os, statistics, sys, threading, time, subprocess
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 
@@ -24,3 +25,41 @@ def machine() -> str:
     import platform
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU x{os.cpu_count()} ({platform.processor() or platform.machine()})'
     return f'{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads'
+
+def load() -> str:
+    "The load average (1/5/15 min) as printed next to every timing: on a shared machine it says how far to trust it."
+    return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+
+class _Captured(Exception): pass
+
+@contextmanager
+def recording(module, name='sweep_loglikelihoods', stop=False):
+    """Record the requests (first positional argument after the model) of every call to `module.name` inside the block.
+    stop=False: the calls go through. stop=True: the first call is recorded and then aborted, which ends the block
+    quietly (collect a task's real requests without computing them)."""
+    seen, orig = [], getattr(module, name)
+    def spy(m, reqs, *x, **k):
+        seen.extend(reqs)
+        if stop: raise _Captured
+        return orig(m, reqs, *x, **k)
+    setattr(module, name, spy)
+    try: yield seen
+    except _Captured: pass
+    finally: setattr(module, name, orig)
+
+def one_row_each(reqs, max_length):
+    "The loglikelihood pass before row sharing: one row per request, longest first (as lm-eval's HFLM)."
+    inps = [(list(c) + list(x))[-(max_length + 1):][:-1] for c, x in reqs]
+    return [(inps[i], [(i, len(inps[i]))]) for i in sorted(range(len(reqs)), key=lambda i: (-len(inps[i]), tuple(inps[i])))]
+
+def one_row_per_input(reqs, max_length):
+    """lm-eval HFLM's pass: one row per distinct input, longest first. Its logits cache lets the one-token answers after
+    one context share a row (their inputs, context + answer[:-1], are equal); longer answers each get their own."""
+    rows = {}
+    for i, (c, x) in enumerate(reqs):
+        inp = tuple((list(c) + list(x))[-(max_length + 1):][:-1]); rows.setdefault(inp, []).append((i, len(inp)))
+    return [(list(k), m) for k, m in sorted(rows.items(), key=lambda kv: (-len(kv[0]), kv[0]))]
+
+def padded_positions(rows, batch_size):
+    "Positions a pass really feeds when `rows` (token lists first, longest first) go in batches padded to their longest."
+    return sum(len(rows[i][0]) * len(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))

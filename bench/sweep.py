@@ -33,7 +33,7 @@ import argparse, json, os, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import timed, machine
+from _common import timed, machine, load, recording, one_row_each, padded_positions
 import layerprune.sweep as S
 from layerprune.models import load_model, decoder
 from layerprune.data import load_texts
@@ -41,7 +41,6 @@ from layerprune.prune import skip_layers, select_layers
 from layerprune.evaluate import evaluate_tasks
 from layerprune.loss import lm_loss, output_vocab_size
 
-def load(): return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
 def layer_flops(H, I, heads, kv_heads, ctx, head_dim=None):
     "FLOPs per token of one llama-style decoder layer attending to `ctx` tokens on average."
@@ -91,25 +90,18 @@ def llama70b_ideals(read_cont):
         'this plan (similarity, deepest, reverse x 0.0-0.7) loss': ideal(vs([sim, deep, rev], fig2), L, c_l, c_h, 1, 1),
     }
 
-def one_row_each(reqs, max_length):
-    "The loglikelihood pass before row sharing: one row per request, longest first (as lm-eval's HFLM)."
-    inps = [(list(c) + list(x))[-(max_length + 1):][:-1] for c, x in reqs]
-    return [(inps[i], [(i, len(inps[i]))]) for i in sorted(range(len(reqs)), key=lambda i: (-len(inps[i]), tuple(inps[i])))]
-
 def rows_bench(a, model, tok, dev):
     "Row sharing in `sweep_loglikelihoods` vs one row per request, on the real requests of `a.rows`."
     task, _, shots = a.rows.partition(':')
-    seen, orig, shared_rows = [], S.sweep_loglikelihoods, S._cont_rows
-    class Captured(Exception): pass
-    def spy(m, reqs, *x, **k): seen.extend(reqs); raise Captured
-    S.sweep_loglikelihoods = spy
-    try: S.evaluate_variants(model, tok, [[]], [task], limit=a.limit, num_fewshot=int(shots) if shots else None)
-    except Captured: pass
-    finally: S.sweep_loglikelihoods = orig
+    shared_rows = S._cont_rows
+    with recording(S, stop=True) as seen:
+        S.evaluate_variants(model, tok, [[]], [task], limit=a.limit, num_fewshot=int(shots) if shots else None)
     if a.max_requests: seen = seen[:a.max_requests]   # lm-eval lists a question's answers together
     ml = 2048
     fed = lambda rows: sum(len(t) for t, _ in rows)
+    padded = lambda rows: padded_positions(rows, a.batch_size)
     n_rows = len(rows := shared_rows(seen, ml)); y = fed(rows) / fed(one_row_each(seen, ml))
+    y_pad = padded(rows) / padded(one_row_each(seen, ml))
     print(f'rows: {task} {shots or 0}-shot, {len(seen)} requests: {n_rows} shared rows vs {len(seen)}; load {load()}', flush=True)
     ts, to, diff = [], [], 0.0
     for r in range(a.repeats):
@@ -127,9 +119,9 @@ def rows_bench(a, model, tok, dev):
     print(f'rows: answers max relative difference {diff:.1e}, is_greedy equal for {greedy_same} of {len(seen)}')
     print(f'rows: shared / one-per-request time ratio = {med:.3f}  (median of {len(ratios)} interleaved pairs, '
           f'min {ratios[0]:.3f}, max {ratios[-1]:.3f})')
-    print(f'ideal = {y:.3f}  (tokens fed)')
+    print(f'ideal = {y:.3f}  (tokens fed); {y_pad:.3f} counting the padding of batches of {a.batch_size} rows')
     return dict(task=task, shots=int(shots or 0), requests=len(seen), rows=n_rows, ratio=med,
-                ratios=ratios, ideal=y, max_rel_diff=diff, greedy_equal=greedy_same, shared_s=ts, one_row_s=to, load_end=load())
+                ratios=ratios, ideal=y, ideal_padded=y_pad, max_rel_diff=diff, greedy_equal=greedy_same, shared_s=ts, one_row_s=to, load_end=load())
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,9 +201,6 @@ def main():
 
     read_cont = 1.0
     if not a.no_lm_eval:
-        seen = []; orig = S.sweep_loglikelihoods
-        def spy(m, reqs, *x, **k): seen.extend(reqs); return orig(m, reqs, *x, **k)
-        S.sweep_loglikelihoods = spy
         K = len(distinct) if a.per_variant_sample is None else max(1, min(a.per_variant_sample, len(distinct)))
         by_kept = sorted(distinct, key=len)
         sample = [by_kept[int((i + 0.5) * len(distinct) / K)] for i in range(K)]
@@ -222,10 +211,10 @@ def main():
                 with skip_layers(model, v): per_res[tuple(v)] = evaluate_tasks(model, tok, [a.task], limit=a.limit, batch_size=a.batch_size)
         print(f'  lm-eval: load {load()}', flush=True)
         t1, _ = timed(lambda: per_run(sample[:half]), dev); print(f'  lm-eval per-variant first half {t1:.1f}s; load {load()}', flush=True)
-        t2, sh = timed(lambda: S.evaluate_variants(model, tok, distinct, [a.task], limit=a.limit, batch_size=a.batch_size), dev)
+        with recording(S) as seen:   # the shared pass's requests (evaluate_tasks goes through it too)
+            t2, sh = timed(lambda: S.evaluate_variants(model, tok, distinct, [a.task], limit=a.limit, batch_size=a.batch_size), dev)
         print(f'  lm-eval shared {t2:.1f}s; load {load()}', flush=True)
         t3, _ = timed(lambda: per_run(sample[half:]), dev); print(f'  lm-eval per-variant second half {t3:.1f}s; load {load()}', flush=True)
-        S.sweep_loglikelihoods = orig
         scale = len(distinct) / K; t_pv = (t1 + t3) * scale
         same = sum(sh[i] == per_res[tuple(v)] for i, v in enumerate(distinct) if tuple(v) in per_res)
         cont = sum(len(x) for _, x in seen); tot = sum(min(len(c) + len(x) - 1, 2048) for c, x in seen)

@@ -17,6 +17,34 @@ def run_bench(name, *args, tmp_path):
     return r.stdout, json.loads(out.read_text())
 
 
+def common():
+    "bench/_common.py, imported as the scripts import it (it is not part of the package)."
+    spec = importlib.util.spec_from_file_location('bench_common', ROOT/'bench'/'_common.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+
+
+def test_common_rows_and_recording():
+    "The row counts the ideals are built from, and the request recorder the scripts use to read a task's requests."
+    C = common()
+    reqs = [([1, 2], [3]), ([1, 2], [4]), ([1, 2], [3, 5]), ([7], [8, 9])]
+    assert C.one_row_each(reqs, 2048) == [([1, 2, 3], [(2, 3)]), ([1, 2], [(0, 2)]), ([1, 2], [(1, 2)]), ([7, 8], [(3, 2)])]
+    # HFLM's logits cache: the two one-token answers after [1, 2] share a row; the 2-token answer has its own
+    assert C.one_row_per_input(reqs, 2048) == [([1, 2, 3], [(2, 3)]), ([1, 2], [(0, 2), (1, 2)]), ([7, 8], [(3, 2)])]
+    rows = C.one_row_per_input(reqs, 2)   # cut at the context window: the last 2 input tokens
+    assert [t for t, _ in rows] == [[1, 2], [2, 3], [7, 8]]   # equal lengths: in token order
+    assert C.padded_positions(C.one_row_each(reqs, 2048), 8) == 4 * 3 and C.padded_positions(C.one_row_each(reqs, 2048), 2) == 2 * 3 + 2 * 2
+    class M:
+        @staticmethod
+        def f(model, reqs, k=0): return [len(r) for r in reqs]
+    with C.recording(M, 'f') as seen: assert M.f(None, ['ab', 'c'], k=1) == [2, 1]
+    assert seen == ['ab', 'c'] and M.f(None, ['x']) == [1]   # recorded, passed through, restored
+    with C.recording(M, 'f', stop=True) as seen:
+        M.f(None, ['q']); raise AssertionError('not reached: the first call ends the block')
+    assert seen == ['q'] and M.f(None, ['x']) == [1]
+    with pytest.raises(ValueError), C.recording(M, 'f', stop=True): raise ValueError   # other errors go through
+    assert M.f(None, ['x']) == [1]
+
+
 def test_distance(tmp_path):
     out, res = run_bench('distance', '--model', 'tiny:llama', '--samples', 2, '--seq-len', 16, '--batch-size', 2,
                          '--repeats', 1, '--per-n', 1, '--skip-scaling', tmp_path=tmp_path)
@@ -44,16 +72,18 @@ def test_sweep_rows(tmp_path):
                          tmp_path=tmp_path)
     assert 'rows: shared / one-per-request time ratio = ' in out and '\nideal = ' in out
     r = res['rows']
-    assert r['requests'] == 12 and r['rows'] == 3 and r['ideal'] == pytest.approx(0.25)
+    assert r['requests'] == 12 and r['rows'] == 3 and r['ideal'] == pytest.approx(0.25) and 0 < r['ideal_padded'] < 1
     assert r['max_rel_diff'] < 1e-5 and r['greedy_equal'] == 12 and r['ratio'] > 0
 
 
 def test_evaluate(tmp_path):
     "evaluate_tasks through eval_lm (SweepLM) vs lm-eval's HFLM: same results, both timed, an ideal below 1."
     out, res = run_bench('evaluate', '--smoke', tmp_path=tmp_path)
-    for line in ('eval_lm / HFLM time ratio = ', '\nideal = ', 'results identical (acc, acc_norm of every task): True'):
+    for line in ('eval_lm / HFLM time ratio = ', '\nideal = ', 'results identical (acc, acc_norm of every task): True',
+                 'without the model (tasks, requests, scoring; both pay it): ', 'counting the padding'):
         assert line in out, line
-    assert res['identical'] and res['ratio'] > 0 and 0 < res['ideal'] < 1
+    assert res['identical'] and res['ratio'] > 0 and 0 < res['ideal'] < 1 and 0 < res['ideal_padded'] < 1
+    assert len(res['no_model_s']) == len(res['eval_lm_s']) == 1 and res['no_model_s'][0] < res['hflm_s'][0]
     assert res['fed_shared'] <= res['fed_hflm'] and res['head_positions'] < res['fed_hflm']   # the head only where answers are read
 
 
