@@ -47,9 +47,13 @@ def recording(module, name='sweep_loglikelihoods', stop=False):
     except _Captured: pass
     finally: setattr(module, name, orig)
 
+def fed(c, x, max_length):
+    "What a loglikelihood pass feeds for request (context c, continuation x): all but the last token, cut from the left."
+    return (list(c) + list(x))[-(max_length + 1):][:-1]
+
 def one_row_each(reqs, max_length):
     "The loglikelihood pass before row sharing: one row per request, longest first (as lm-eval's HFLM)."
-    inps = [(list(c) + list(x))[-(max_length + 1):][:-1] for c, x in reqs]
+    inps = [fed(c, x, max_length) for c, x in reqs]
     return [(inps[i], [(i, len(inps[i]))]) for i in sorted(range(len(reqs)), key=lambda i: (-len(inps[i]), tuple(inps[i])))]
 
 def one_row_per_input(reqs, max_length):
@@ -57,7 +61,7 @@ def one_row_per_input(reqs, max_length):
     one context share a row (their inputs, context + answer[:-1], are equal); longer answers each get their own."""
     rows = {}
     for i, (c, x) in enumerate(reqs):
-        inp = tuple((list(c) + list(x))[-(max_length + 1):][:-1]); rows.setdefault(inp, []).append((i, len(inp)))
+        inp = tuple(fed(c, x, max_length)); rows.setdefault(inp, []).append((i, len(inp)))
     return [(list(k), m) for k, m in sorted(rows.items(), key=lambda kv: (-len(kv[0]), kv[0]))]
 
 def padded_positions(rows, batch_size):

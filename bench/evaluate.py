@@ -17,7 +17,7 @@ both ways alike. Results must agree: it prints whether every task's acc / acc_no
   python bench/evaluate.py [--model gemma3-270m] [--tasks hellaswag,mmlu] [--limit 20] [--repeats 3] [--json OUT]
   python bench/evaluate.py --smoke    # tiny:llama, seconds (tests/test_bench.py)
 """
-import argparse, json, os, sys
+import argparse, json, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,12 +78,11 @@ def main():
     # ideal: layer FLOPs ~ 2 x non-embedding params per position fed; head 2 x hidden x vocab per position it runs at
     H, V = model.config.get_text_config().hidden_size, output_vocab_size(model)
     layer_params = sum(p.numel() for p in decoder(model).layers.parameters())
-    fed_old = sum(len(t) for t, _ in one_row_per_input(seen, 2048))
-    fed_new = sum(len(t) for t, _ in S._cont_rows(seen, 2048)); read = sum(len(x) for _, x in seen)
+    shared, hflm_rows = S._cont_rows(seen, 2048), one_row_per_input(seen, 2048)
+    fed_new, fed_old = sum(len(t) for t, _ in shared), sum(len(t) for t, _ in hflm_rows); read = sum(len(x) for _, x in seen)
     y = (2 * layer_params * fed_new + 2 * H * V * read) / (2 * layer_params * fed_old + 2 * H * V * fed_old)
     # with the padding of batches (both sort longest first and pad each batch to its longest row)
-    pad_new = padded_positions(S._cont_rows(seen, 2048), a.batch_size)
-    pad_old = padded_positions(one_row_per_input(seen, 2048), a.batch_size)
+    pad_new, pad_old = padded_positions(shared, a.batch_size), padded_positions(hflm_rows, a.batch_size)
     y_pad = (2 * layer_params * pad_new + 2 * H * V * read) / (2 * layer_params * pad_old + 2 * H * V * pad_old)
     print(f'requests: {len(seen)}; positions fed {fed_old} (HFLM) vs {fed_new} (shared rows); head at {read} positions '
           f'vs {fed_old}; head / layers FLOPs per position = {H * V / layer_params:.2f}')
