@@ -29,7 +29,7 @@ compared. It prints
   python bench/sweep.py --rows boolq --limit 24 --repeats 3
   python bench/sweep.py --rows mmlu:5 --limit 1 --repeats 1   # 57 subjects x 1 question, 5-shot
 """
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
