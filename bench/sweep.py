@@ -33,7 +33,7 @@ import argparse, json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import timed, machine, load, recording, one_row_each, padded_positions
+from _common import timed, machine, load, recording, fed, one_row_each, padded_positions
 import layerprune.sweep as S
 from layerprune.models import load_model, decoder
 from layerprune.data import load_texts
@@ -98,10 +98,10 @@ def rows_bench(a, model, tok, dev):
         S.evaluate_variants(model, tok, [[]], [task], limit=a.limit, num_fewshot=int(shots) if shots else None)
     if a.max_requests: seen = seen[:a.max_requests]   # lm-eval lists a question's answers together
     ml = 2048
-    fed = lambda rows: sum(len(t) for t, _ in rows)
-    padded = lambda rows: padded_positions(rows, a.batch_size)
-    n_rows = len(rows := shared_rows(seen, ml)); y = fed(rows) / fed(one_row_each(seen, ml))
-    y_pad = padded(rows) / padded(one_row_each(seen, ml))
+    n_fed = lambda rows: sum(len(t) for t, _ in rows)
+    rows, one = shared_rows(seen, ml), one_row_each(seen, ml); n_rows = len(rows)
+    y = n_fed(rows) / n_fed(one)
+    y_pad = padded_positions(rows, a.batch_size) / padded_positions(one, a.batch_size)
     print(f'rows: {task} {shots or 0}-shot, {len(seen)} requests: {n_rows} shared rows vs {len(seen)}; load {load()}', flush=True)
     ts, to, diff = [], [], 0.0
     for r in range(a.repeats):
@@ -217,7 +217,7 @@ def main():
         t3, _ = timed(lambda: per_run(sample[half:]), dev); print(f'  lm-eval per-variant second half {t3:.1f}s; load {load()}', flush=True)
         scale = len(distinct) / K; t_pv = (t1 + t3) * scale
         same = sum(sh[i] == per_res[tuple(v)] for i, v in enumerate(distinct) if tuple(v) in per_res)
-        cont = sum(len(x) for _, x in seen); tot = sum(min(len(c) + len(x) - 1, 2048) for c, x in seen)
+        cont = sum(len(x) for _, x in seen); tot = sum(len(fed(c, x, 2048)) for c, x in seen)
         read_cont = cont / tot
         y_lm = ideal(distinct, L, c_layer_of((tot / len(seen) + 1) / 2), c_head, read_cont, 1.0)
         accs = [(v, sh[i][a.task]['acc'], per_res[tuple(v)][a.task]['acc'] if tuple(v) in per_res else None) for i, v in enumerate(distinct)]
