@@ -276,15 +276,16 @@ def claim_f(fig_dir, model:str) -> tuple[str, str]:
     need(stem, 'tokens_trained per point', [t['tokens_trained'] for t in d['provenance'].get('tokens_trained', [])], REQUIRED['heal_tokens'])
     by = {r['method']: r for r in d['rows']}
     if not {'partial-3', 'lora'} <= set(by): raise Missing(f'{stem}: needs partial-3 and lora rows')
-    p, acc, fast, txt = by['partial-3'], [], [], []
-    for m in ('lora', 'qlora'):
+    p, acc, fast = by['partial-3'], [], []
+    txt = [f"partial-3 (lr {p['lr']:g}) {pm(p['avg_acc'], p['avg_acc_stderr'])}"]
+    for m in ('lora', 'qlora'):   # each comparison with its own difference and verdict, so a split verdict shows which half decided it
         if m not in by: continue
         o = by[m]; diff, se = p['avg_acc'] - o['avg_acc'], _se(p['avg_acc_stderr'], o['avg_acc_stderr'])
         tp, to = _heal_time(d, p), _heal_time(d, o)
         acc.append(compare(diff, se)); ratio = tp / to
         fast.append(HOLDS if ratio < 1 - TIME_MARGIN else FAILS if ratio > 1 + TIME_MARGIN else INCONCLUSIVE)
-        txt.append(f"partial-3 (lr {p['lr']:g}) {pm(p['avg_acc'], p['avg_acc_stderr'])} vs {m} (lr {o['lr']:g}) "
-                   f"{pm(o['avg_acc'], o['avg_acc_stderr'])}; heal time {tp:.0f} s vs {to:.0f} s")
+        txt.append(f"vs {m} (lr {o['lr']:g}) {pm(o['avg_acc'], o['avg_acc_stderr'])}: {pm(100 * diff, None if se is None else 100 * se, 1)} "
+                   f"points ({acc[-1]}), heal time {tp:.0f} s vs {to:.0f} s ({fast[-1]})")
     a, t = combine(acc), combine(fast)
     return ('; '.join(txt) + ' (heal time: the fastest of its timed runs)' + _edge(d, 'partial-3') + _edge(d, 'lora')
             + f' (accuracy: {a}; faster: {t})'), combine([a, t])
