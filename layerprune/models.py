@@ -14,7 +14,8 @@ from .utils import LayerpruneError, atomic_dir, atomic_write_json, cache_dir, di
 # %% auto #0
 __all__ = ['EMBEDDED', 'DEFAULT_MODEL', 'QUANTIZATIONS', 'ARCHS', 'embedded_gguf', 'file_digest', 'model_fingerprint',
            'weights_digest', 'convert_gguf', 'resolve_model', 'resolve_dtype', 'quantization_config', 'load_model',
-           'Decoder', 'decoder', 'unwrap', 'model_device', 'tiny_config', 'tiny_model', 'tiny_tokenizer']
+           'portable_quantized', 'Decoder', 'decoder', 'unwrap', 'model_device', 'tiny_config', 'tiny_model',
+           'tiny_tokenizer']
 
 # %% ../nbs/00_models.ipynb #3682e951
 EMBEDDED = {
@@ -185,7 +186,7 @@ def _from_pretrained(name_or_path, src, dtype, quantization, trust_remote_code, 
     if q is not None: kwargs = {'device_map': {'': 'cuda' if torch.cuda.is_available() else 'cpu'}, **kwargs, 'quantization_config': q}
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = portable_quantized(AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))
     except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
         msg = ' '.join(str(e).split())[:300]
         if 'trust_remote_code' in msg and not trust_remote_code:
@@ -217,6 +218,21 @@ def load_model(name_or_path:str=DEFAULT_MODEL, # embedded name, 'tiny:<arch>', l
         model.to(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     _check_placement(model)
     return model.eval(), tok
+
+# %% ../nbs/00_models.ipynb #b396a90f
+def portable_quantized(model:nn.Module, # a model loaded with bitsandbytes 4-bit layers (anything else is returned unchanged)
+                      ) -> nn.Module:
+    """Keep bitsandbytes' 4-bit layers in their portable format on every CPU: turn off the repacking that bitsandbytes does
+    on CPUs with AVX512-BF16 (in place, at the first no-grad forward in eval mode), and undo it where it already happened.
+    The repack fails for layers narrower than a quantization block (64 inputs), and it makes results depend on the CPU."""
+    for m in model.modules():
+        if not hasattr(m, 'support_avx512bf16_for_cpu'): continue
+        m.support_avx512bf16_for_cpu = False
+        w = getattr(m, 'weight', None); qs = getattr(w, 'quant_state', None)
+        if qs is not None and getattr(qs, 'packing_format_for_cpu', False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+    return model
 
 # %% ../nbs/00_models.ipynb #002ee20f
 # (path of the layer list, path of the final norm) per architecture, relative to the CausalLM

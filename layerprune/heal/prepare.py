@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..utils import LayerpruneError, fmt_layers, atomic_dir, check_output
-from ..models import decoder, unwrap, model_device, resolve_dtype, quantization_config
+from ..models import decoder, unwrap, model_device, resolve_dtype, quantization_config, portable_quantized
 from .config import HealConfig
 
 # %% auto #0
@@ -191,6 +191,7 @@ def _qlora_base(model, config:HealConfig, info:dict):
         base = _quantize_4bit(model, model_device(model), dt)
         info['notes'].append('the full-precision model in memory was quantized to NF4 through a temporary folder and kept for '
                              'the merge (heal_from_pretrained loads NF4 directly and holds no full-precision copy)')
+    portable_quantized(base)  # the same 4-bit numbers on every CPU (no in-place repack on AVX512-BF16)
     _own_memory(base)  # on the CPU, weights loaded zero-copy would keep the whole file resident
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.checkpointing, **_GC)
     return base, dt
