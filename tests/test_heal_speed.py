@@ -23,6 +23,18 @@ def pruned_tiny(arch='llama'):
     return m
 
 
+def assert_same_training(w1, w0, init, rel=1e-3):
+    """The two runs trained the same: every weight's update (from `init`) agrees to `rel` of its size (in norm; Adam turns
+    last-bit differences of a near-zero gradient into element-wise differences of ~1e-5 that depend on the CPU's kernels),
+    and weights that did not train are equal."""
+    assert w1.keys() == w0.keys()
+    for k in w0:
+        d0 = w0[k].float() - init[k].float() if k in init and init[k].shape == w0[k].shape else None
+        if d0 is None or d0.norm() == 0: torch.testing.assert_close(w1[k], w0[k], atol=1e-6, rtol=0, msg=f'{k}: should be equal'); continue
+        err = (w1[k].float() - w0[k].float()).norm() / d0.norm()
+        assert err <= rel, f'{k}: the runs\' updates differ by {err:.1e} of their size (allowed {rel:.0e})'
+
+
 @pytest.fixture(scope='module')
 def tok(): return tiny_tokenizer()
 
@@ -54,7 +66,7 @@ def test_partial_fast_matches_plain_loop(tok, few, last_k):
     assert fast['boundary_cache']['hits'] > 0  # repeated blocks reused their cached boundary states
     torch.testing.assert_close(torch.tensor(fast['loss']), torch.tensor(slow['loss']), atol=1e-5, rtol=0)
     assert slow['loss'][-1] < slow['loss'][0] - 0.1  # it really trains
-    for k in w0: torch.testing.assert_close(w1[k], w0[k], atol=1e-5, rtol=1e-4)
+    assert_same_training(w1, w0, pruned_tiny().state_dict())
 
 
 def test_partial_without_cache_and_lora_match(tok, few):
@@ -152,4 +164,4 @@ def test_lora_fast_matches_plain_loop(tok, few, dropout, target):
     assert not slow['fused_loss'] and 'lean_lora_layers' not in slow
     torch.testing.assert_close(torch.tensor(fast['loss']), torch.tensor(slow['loss']), atol=1e-5, rtol=0)
     assert slow['loss'][-1] < slow['loss'][0] - 0.05  # it really trains (LoRA on a tiny model: slowly)
-    for k in w0: torch.testing.assert_close(w1[k], w0[k], atol=1e-5, rtol=1e-4)
+    assert_same_training(w1, w0, pruned_tiny().state_dict())
