@@ -458,11 +458,16 @@ def provenance(model_name, # a name or a `ModelRef`
                dtype=None, # weights dtype, for a name
                text:str|None=None, # text source name ('wiki', ...)
                texts:dict|None=None, # {role: documents}: each recorded as its digest and count (as in the cache keys)
-               **extra, # what else the numbers depend on: per-point tokens_trained, per-task items, seeds, sizes
+               **extra, # what else the numbers depend on: per-point tokens_trained, per-task items (None: not evaluated), seeds, sizes
               ) -> dict:
     "The `provenance` of a figure (`save_figure(provenance=...)`): model fingerprint, dtype, text source and digests, versions."
     ref = model_ref(model_name, dtype); k = point_key(ref, texts=texts)
     docs = {r: dict(digest=k[f'texts_{r}'][0], documents=k[f'texts_{r}'][1]) for r in (texts or {})}
+    if extra.get('items') is not None:   # per-task items: a task with no count (not evaluated, e.g. no offline data) is listed apart
+        counts = {t: [x for x in (v if isinstance(v, list) else [v]) if x is not None] for t, v in extra['items'].items()}
+        gone = sorted(t for t, v in counts.items() if not v)
+        extra['items'] = {t: (counts[t] if isinstance(v, list) else v) for t, v in extra['items'].items() if t not in gone}
+        if gone: extra['tasks_unavailable'] = gone
     return dict(model=ref.model_name, model_fingerprint=k['model'], dtype=k['dtype'], device=k['device'], text_source=text,
                 texts=docs, lm_eval=_version('lm_eval'), torch=_version('torch'), transformers=_version('transformers'), **extra)
 
