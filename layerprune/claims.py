@@ -108,11 +108,14 @@ def _before_b(rows) -> str:
     return (f"loss / ln V {rs[0]['normalised_loss']:.2f} intact -> {rs[-1]['normalised_loss']:.2f} at {rs[-1]['fraction']:.0%} dropped "
             f"(1 = a uniform guess), largest step +{jump:.2f} between {a['fraction']:.0%} and {b['fraction']:.0%} (similarity)")
 
+def _apart(by, ns, key) -> tuple[list, list]:
+    "The ns where similarity and deepest remove different blocks (row field `key`), and those where they remove the same one."
+    same = [n for n in ns if by['similarity', n].get(key) is not None and by['similarity', n][key] == by['deepest', n].get(key)]
+    return [n for n in ns if n not in same], same   # the same block: one model, nothing to compare
+
 def _before_c(rows) -> str:
     by = {(r['strategy'], r['n']): r for r in rows}
-    ns = sorted(n for s, n in by if s == 'similarity' and n and ('deepest', n) in by)
-    same = [n for n in ns if by['similarity', n].get('removed') is not None and by['similarity', n]['removed'] == by['deepest', n].get('removed')]
-    ns = [n for n in ns if n not in same]   # both rules remove the same block there: one model, nothing to compare
+    ns, same = _apart(by, sorted(n for s, n in by if s == 'similarity' and n and ('deepest', n) in by), 'removed')
     vs = [compare(by['deepest', n]['normalised_loss'] - by['similarity', n]['normalised_loss'],
                   _se(by['deepest', n]['normalised_stderr'], by['similarity', n]['normalised_stderr'])) for n in ns]
     return (f"similarity's loss below deepest's by more than 2 standard errors at {vs.count(HOLDS)} of {len(ns)} fractions, "
@@ -123,7 +126,7 @@ def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
     Holds if the mean accuracy over tasks is above the no-skill level by > 2 s.e. intact and within 2 s.e. of it (or below) at
     the largest fraction; fails if it is still clearly above there. No skill (`NO_SKILL`): uniform chance, or for BoolQ always
     answering 'yes' (62.2%), which is what a collapsed model often does."""
-    from layerprune.evaluate import NO_SKILL as CHANCE
+    from layerprune.evaluate import CHANCE, NO_SKILL
     stem = f'fig2_accuracy_{model}'
     try: d = figure(fig_dir, stem); need(stem, 'items per task', _items(d['provenance']), REQUIRED['items'])
     except Missing as e: return f'; QA half pending ({e})', None
@@ -133,15 +136,15 @@ def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
         at = {r['task']: r for r in rs if r['fraction'] == f}
         if set(at) != set(tasks): continue
         ses = [at[t].get('acc_stderr') for t in tasks]
-        pts.append((f, sum(at[t]['acc'] - CHANCE[t] for t in tasks) / len(tasks), None if None in ses else _se(*ses) / len(tasks)))
+        pts.append((f, sum(at[t]['acc'] - NO_SKILL[t] for t in tasks) / len(tasks), None if None in ses else _se(*ses) / len(tasks)))
     if len(pts) < 2 or pts[0][0] != 0: return f'; QA half: {stem} lacks the intact model or a pruned fraction', None
     above = [compare(x, se) for _, x, se in pts]
     first = next((f for (f, _, _), v in zip(pts, above) if f and v != HOLDS), None)
     v = (INCONCLUSIVE if above[0] != HOLDS else FAILS if above[-1] == HOLDS else HOLDS)
-    floor = f" (BoolQ: always 'yes', {CHANCE['boolq']:.3f})" if 'boolq' in tasks else ''
-    return (f"; QA before healing (fig2, similarity, mean over {len(tasks)} tasks, accuracy minus chance{floor}): "
+    floor = ''.join(f"; {t}: always the commoner answer, {NO_SKILL[t]:.3f}" for t in tasks if NO_SKILL[t] != CHANCE[t])
+    return (f"; QA before healing (fig2, similarity, mean over {len(tasks)} tasks, accuracy minus the no-skill level (chance{floor})): "
             + ' -> '.join(f'{pm(x, se, 2)} at {f:.0%}' for f, x, se in pts)
-            + (f', within 2 s.e. of chance from {first:.0%}' if first is not None else ', above chance at every fraction')), v
+            + (f', within 2 s.e. of that level from {first:.0%}' if first is not None else ', above it at every fraction')), v
 
 def _line(xs, ys, ses) -> tuple[float, float|None, float]:
     """Least-squares straight line of ys on xs: its slope, the slope's standard error from the points' (independent) standard
@@ -193,8 +196,7 @@ def claim_c(fig_dir, model:str) -> tuple[str, str]:
     except Missing as e: raise Missing(str(e) + _unhealed(fig_dir, model, _before_c)) from None
     by = {(r['strategy'], r['n']): r for r in rows}
     ns = sorted(n for s, n in by if s == 'similarity' and ('deepest', n) in by)
-    same = [n for n in ns if by['similarity', n].get('layers') is not None and by['similarity', n]['layers'] == by['deepest', n].get('layers')]
-    ns = [n for n in ns if n not in same]
+    ns, same = _apart(by, ns, 'layers')
     if not ns: raise Missing(f'{stem}: no fraction where similarity and deepest remove different blocks')
     before, after, txt = [], [], []
     for n in ns:
