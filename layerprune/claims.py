@@ -147,11 +147,15 @@ def _qa_collapse(fig_dir, model) -> tuple[str, str|None]:
             + (f', within 2 s.e. of that level from {first:.0%}' if first is not None else ', above it at every fraction')), v
 
 def _line(xs, ys, ses) -> tuple[float, float|None, float]:
-    """Least-squares straight line of ys on xs: its slope, the slope's standard error from the points' (independent) standard
-    errors (None if one is missing), and R² (1 = exactly linear)."""
+    """Least-squares straight line of ys on xs: its slope, the slope's standard error (None if a point's is missing) and R²
+    (1 = exactly linear). The standard error is the larger of the one propagated from the points' own (independent) standard
+    errors and the one from the scatter about the line (with more than 2 points): points that leave the line by more than
+    their errors say the straight line, not the measurements, is the uncertain part."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys); sxx = sum((x - mx) ** 2 for x in xs); w = [(x - mx) / sxx for x in xs]
     slope, syy = sum(a * y for a, y in zip(w, ys)), sum((y - my) ** 2 for y in ys)
     se = None if None in ses else math.sqrt(sum((a * e) ** 2 for a, e in zip(w, ses)))
+    if se is not None and len(xs) > 2:
+        se = max(se, math.sqrt(max(syy - slope * slope * sxx, 0) / (len(xs) - 2) / sxx))
     return slope, se, (1.0 if syy == 0 else slope * slope * sxx / syy)
 
 def claim_b(fig_dir, model:str) -> tuple[str, str]:
