@@ -26,6 +26,7 @@ Peak: the best of several 2048^3 fp32 matmuls timed in the same process at the r
 
   python bench/heal.py [--model smollm2-135m] [--steps 6] [--batch-size 2] [--seq-len 64] [--blocks 4] [--repeats 3]
                        [--methods lora,partial] [--legacy-rev REV] [--json OUT]
+                       [--versions new] [--target all-linear] [--threads 1]   # methods side by side only, as lu_finetune heals
 """
 import argparse, importlib.util, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -57,19 +58,19 @@ def timed_once(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t
 
 
-def flops_per_token(model, method, last_k, rank, seq_len):
+def flops_per_token(model, method, last_k, rank, seq_len, target='ffn'):
     "(model FLOPs, FLOPs of the frozen prefix's forward) per training token of `method` (see the module docstring)."
     from layerprune.models import decoder
     from layerprune.heal import ffn_targets
     d = decoder(model); L = d.num_layers; first = L - last_k if method == 'partial' else 0
-    targets = ffn_targets(model) if method != 'partial' else []
+    targets = [] if method == 'partial' else ffn_targets(model) if target == 'ffn' else None   # None: every linear of a layer
     total = prefix = 0.0; grads_flow = False
     for i, layer in enumerate(d.layers):
         trained_layer = method == 'partial' and i >= first
         attn_dim = sum(m.out_features for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n.split('.')[-1] in ('q_proj', 'query', 'Wqkv')) or d.embed.weight.shape[1]
         for name, m in layer.named_modules():
             if not isinstance(m, torch.nn.Linear): continue
-            N = m.weight.numel(); lora = method != 'partial' and any(name == t or name.endswith('.' + t) for t in targets)
+            N = m.weight.numel(); lora = method != 'partial' and (targets is None or any(name == t or name.endswith('.' + t) for t in targets))
             f = 2 * N
             if grads_flow: f += 2 * N
             if trained_layer: f += 2 * N
@@ -93,16 +94,16 @@ def child(args):
     from layerprune.heal import heal, HealConfig
     old = args.version == 'old'
     heal_fn = legacy_heal(args.legacy_rev) if old else heal
-    if old: torch.set_num_threads(1)
+    if old or args.threads: torch.set_num_threads(1 if old else args.threads)
     model, tok = load_model(args.model, device=args.device); L = decoder(model).num_layers
     n = max(1, round(L / 4)); removed = select_layers(model, n, 'reverse'); drop_layers(model, removed)
     texts = load_texts('wiki', 'train', args.texts)
     if args.blocks:   # the text of the first `blocks` blocks only (about as many blocks again): the steps go over them several times
         texts = [tok.decode(b) for b in pack(texts, tok, args.seq_len, max_blocks=args.blocks)]
-    cfg = HealConfig(method=args.child, last_k=3, steps=args.steps, warmup=0, schedule='constant', lr=1e-4,
+    cfg = HealConfig(method=args.child, last_k=3, steps=args.steps, warmup=0, schedule='constant', lr=1e-4, target=args.target,
                      batch_size=args.batch_size, micro_batch=args.batch_size, seq_len=args.seq_len, save_every=10**9)
-    kw = {} if old else dict(threads='auto')
-    model_flops, prefix_flops = flops_per_token(model, args.child, cfg.last_k, cfg.rank, cfg.seq_len)
+    kw = {} if old else dict(threads=args.threads or 'auto')
+    model_flops, prefix_flops = flops_per_token(model, args.child, cfg.last_k, cfg.rank, cfg.seq_len, cfg.target)
     dev = next(model.parameters()).device; cuda = dev.type == 'cuda'
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     stamps = []
@@ -140,33 +141,46 @@ def main():
     p.add_argument('--methods', default='lora,partial')
     p.add_argument('--legacy-rev', default=LEGACY_REV, help='git revision of the version before (default: %(default)s)')
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    p.add_argument('--versions', default='old,new', help="'new' alone: the methods side by side, no version before")
+    p.add_argument('--target', default='ffn', help="LoRA/QLoRA targets: 'ffn' (Gromov et al.) or 'all-linear' (Lu et al.)")
+    p.add_argument('--threads', type=int, default=None, help="threads of the new version (default: 'auto')")
     p.add_argument('--json', default=None)
     p.add_argument('--child', help=argparse.SUPPRESS); p.add_argument('--version', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child: return child(args)
     if args.steps < 2: p.error('--steps must be >= 2 (the first step is warm-up)')
     if args.repeats is None: args.repeats = 1 if args.model.startswith('tiny:') else 3
+    versions = [v.strip() for v in args.versions.split(',') if v.strip()]
+    if not versions or set(versions) - {'old', 'new'} or 'new' not in versions: p.error("--versions: 'old,new' or 'new'")
 
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
     load = os.getloadavg()
     print(f'# {args.model} pruned 25% (reverse order) on {machine()}; {args.steps} steps x batch {args.batch_size} x '
           f'{args.seq_len} tokens, {args.blocks or "all"} blocks; {args.repeats} interleaved repeats, fresh process each; '
-          f'old = git {args.legacy_rev} on 1 thread; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
+          f'old = git {args.legacy_rev} on 1 thread; LoRA targets {args.target}; new on {args.threads or "auto"} threads; '
+          f'versions {",".join(versions)}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
     fwd = ['--model', args.model, '--steps', args.steps, '--batch-size', args.batch_size, '--seq-len', args.seq_len,
-           '--texts', args.texts, '--blocks', args.blocks, '--legacy-rev', args.legacy_rev] + (['--device', args.device] if args.device else [])
-    runs = {(m, v): [] for m in methods for v in ('old', 'new')}
+           '--texts', args.texts, '--blocks', args.blocks, '--legacy-rev', args.legacy_rev, '--target', args.target] + \
+          (['--device', args.device] if args.device else []) + (['--threads', args.threads] if args.threads else [])
+    runs = {(m, v): [] for m in methods for v in versions}
     for rep in range(args.repeats):
         for m in methods:
-            for v in ('old', 'new'):
+            for v in versions:
                 runs[m, v].append(in_subprocess(__file__, ['--child', m, '--version', v, *fwd]))
     load_end = os.getloadavg()
+    from layerprune.experiments import provenance
+    head = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(['git', '-C', str(ROOT), 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True).stdout.strip())
+    prov = dict(provenance(args.model), commit=head, uncommitted_changes=dirty, script='bench/heal.py', argv=sys.argv[1:],
+                machine=machine(), date_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     res = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, blocks=args.blocks,
-               repeats=args.repeats, legacy_rev=args.legacy_rev, machine=machine(), load_start=load, load_end=load_end,
-               methods={}, legacy={}, runs={f'{m}/{v}': r for (m, v), r in runs.items()})
+               repeats=args.repeats, legacy_rev=args.legacy_rev, target=args.target, threads=args.threads, versions=versions,
+               machine=machine(), load_start=load, load_end=load_end,
+               methods={}, legacy={}, runs={f'{m}/{v}': r for (m, v), r in runs.items()}, provenance=prov)
     print(f'{"method":<8} {"ver":<4} {"tokens/s median [min-max]":>27} {"thr":>3} {"peak GFLOP/s":>12} {"F (model)":>9} '
           f'{"executed":>8} {"peak MB":>8} {"trainable":>10}  loss first -> last')
     for m in methods:
-        for v in ('old', 'new'):
+        for v in versions:
             rs = runs[m, v]; r0 = rs[-1]
             agg = dict(r0, tokens_per_s=statistics.median(r['tokens_per_s'] for r in rs),
                        tokens_per_s_all=[r['tokens_per_s'] for r in rs], mfu=statistics.median(r['mfu'] for r in rs),
@@ -176,7 +190,7 @@ def main():
             print(f'{m:<8} {v:<4} {spread(agg["tokens_per_s_all"]):>27} {r0["threads"]:>3} {agg["peak_flops"] / 1e9:12.1f} '
                   f'{agg["mfu"]:9.3f} {agg["executed_fraction"]:8.3f} {agg["peak_mb"]:8.0f} {r0["trainable_params"] / 1e6:8.2f} M'
                   f'  {r0["loss"][0]:.3f} -> {r0["loss"][-1]:.3f}', flush=True)
-    for m in methods:
+    for m in (methods if 'old' in versions else []):
         new, old = res['methods'][m], res['legacy'][m]
         x = new['tokens_per_s'] / old['tokens_per_s']; res[f'{m}_new_over_old'] = x
         print(f'{m}: new / old tokens/s = {x:.2f}x (target >= 1.5x: {"met" if x >= 1.5 else "NOT met"}); '
@@ -189,7 +203,10 @@ def main():
         if a in M and b in M:
             t = M[a]['tokens_per_s'] / M[b]['tokens_per_s']; mem = M[a]['peak_mb'] / max(M[b]['peak_mb'], 1.0)
             res[f'{a}_over_{b}'] = dict(tokens_per_s=t, peak_memory=mem)
-            print(f'ratio  {a} / {b}: tokens/s {t:.2f}x, peak memory {mem:.2f}x (new version)')
+            per = [x / y for x, y in zip(M[a]['tokens_per_s_all'], M[b]['tokens_per_s_all'])]   # interleaved repeat by repeat
+            res[f'{a}_over_{b}']['per_repeat'] = per
+            print(f'ratio  {a} / {b}: tokens/s {t:.2f}x (per repeat {", ".join(f"{x:.2f}" for x in per)}), '
+                  f'peak memory {mem:.2f}x (new version)')
     if 'partial' in M and 'lora' in M:
         faster = M['partial']['tokens_per_s'] > M['lora']['tokens_per_s']
         res['partial_faster_than_lora'] = faster
