@@ -360,7 +360,8 @@ def claims_markdown(fig_dir='figures', # folder of the figure JSONs
     "The claim table(s) as markdown, between the BEGIN/END markers (what `make claims` puts in nbs/index.ipynb)."
     md = [BEGIN, '## Do the papers\' claims hold on the embedded models?', '',
           f"Generated from the committed figure JSONs by `make claims` (`layerprune.claims`). Verdicts compare the measured "
-          f"difference with two standard errors ('faster' in (f) also needs a {TIME_MARGIN:.0%} gap in wall time, 'close' in (c) healed losses "
+          f"difference with two standard errors ('faster' in (f) needs a {TIME_MARGIN:.0%} gap in tokens/s in every interleaved repeat of "
+          f"`bench/heal.py` (`heal_speed_<model>.json`), 'close' in (c) healed losses "
           f"within {CLOSE_MARGIN:.0%} of each other, counted only where the two rules remove different blocks); sizes required: >= {REQUIRED['heal_tokens']:,} training tokens per healing point "
           f"({REQUIRED['seed_rank_tokens']:,} for seeds/rank), >= {REQUIRED['items']} items per task, >= {REQUIRED['val_docs']} "
           f"held-out documents. The long runs: `tools/fidelity.sh`.", '']
