@@ -169,10 +169,8 @@ def main():
                 runs[m, v].append(in_subprocess(__file__, ['--child', m, '--version', v, *fwd]))
     load_end = os.getloadavg()
     from layerprune.experiments import provenance
-    head = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(['git', '-C', str(ROOT), 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True).stdout.strip())
-    prov = dict(provenance(args.model), commit=head, uncommitted_changes=dirty, script='bench/heal.py', argv=sys.argv[1:],
-                machine=machine(), date_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    from layerprune.plots import run_record   # commit, machine, date: as a figure's run record
+    prov = dict(provenance(args.model), **run_record(), script='bench/heal.py', argv=sys.argv[1:])
     res = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, blocks=args.blocks,
                repeats=args.repeats, legacy_rev=args.legacy_rev, target=args.target, threads=args.threads, versions=versions,
                machine=machine(), load_start=load, load_end=load_end,
