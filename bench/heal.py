@@ -94,7 +94,7 @@ def child(args):
     from layerprune.heal import heal, HealConfig
     old = args.version == 'old'
     heal_fn = legacy_heal(args.legacy_rev) if old else heal
-    if old or args.threads: torch.set_num_threads(1 if old else args.threads)
+    if old: torch.set_num_threads(1)   # the new version sets its own (`heal(threads=...)`)
     model, tok = load_model(args.model, device=args.device); L = decoder(model).num_layers
     n = max(1, round(L / 4)); removed = select_layers(model, n, 'reverse'); drop_layers(model, removed)
     texts = load_texts('wiki', 'train', args.texts)

@@ -293,10 +293,10 @@ def _speed(fig_dir, model, m) -> tuple[str, str]|None:
     """(text, verdict) of "partial-3 trains faster than `m`" from a controlled measurement, `heal_speed_<model>.json` in `fig_dir`
     (`bench/heal.py --versions new --target all-linear --json`: fresh process per run, the methods interleaved on a quiet
     machine): holds if partial's tokens/s beat `m`'s by more than `TIME_MARGIN` in every interleaved repeat, fails if they
-    fall short by more than that in every repeat, else inconclusive. None where there is no such file or comparison."""
-    f = Path(fig_dir)/f'heal_speed_{model}.json'
-    if not f.exists(): return None
-    d = json.loads(f.read_text()); r = d.get(f'partial_over_{m}') or {}
+    fall short by more than that in every repeat, else inconclusive. None where there is no such figure or comparison."""
+    try: d = figure(fig_dir, f'heal_speed_{model}')
+    except Missing: return None
+    r = d.get(f'partial_over_{m}') or {}
     per = r.get('per_repeat')
     if not per or d.get('target') != 'all-linear': return None
     v = HOLDS if min(per) > 1 + TIME_MARGIN else FAILS if max(per) < 1 - TIME_MARGIN else INCONCLUSIVE
